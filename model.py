@@ -1,0 +1,159 @@
+"""The two-stream ResNet backbone shared by MMGL, AGW and DDAG, and the MMGL pre-training network.
+
+State-dict keys follow the public AGW/DDAG networks, so weights move between them unchanged:
+    visible_module.visible.{conv1,bn1}.*    stem of the visible stream
+    thermal_module.thermal.{conv1,bn1}.*    stem of the infrared stream
+    base_resnet.base.layer{1,2,3,4}.*       stages shared by both modalities
+The public modules wrap a whole torchvision ResNet each and use only these parts of it; only the
+parts in use are kept here, under the same names and with the same shapes.
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+ARCHS = ('resnet18', 'resnet50')
+
+
+def make_resnet(arch):
+    """A randomly initialised torchvision ResNet whose last stage has stride 1 (a 288x144 input
+    gives an 18x9 map), as in the public AGW backbone."""
+    if arch not in ARCHS:
+        raise ValueError(f'arch must be one of {ARCHS}, got {arch!r}')
+    resnet = getattr(torchvision.models, arch)(weights=None)
+    first_block = resnet.layer4[0]
+    # Bottleneck strides in conv2, BasicBlock in conv1; the shortcut strides with them.
+    strided_conv = first_block.conv2 if arch == 'resnet50' else first_block.conv1
+    strided_conv.stride = (1, 1)
+    first_block.downsample[0].stride = (1, 1)
+    return resnet
+
+
+def feature_dim(arch):
+    return 2048 if arch == 'resnet50' else 512
+
+
+class ModalityStem(nn.Module):
+    """conv1, bn1, relu, maxpool of a ResNet, held under the attribute `modality`
+    ('visible' or 'thermal') as in the public code. x: (B, 3, H, W) -> (B, 64, H/4, W/4)."""
+
+    def __init__(self, modality, arch='resnet50', stem=None):
+        super().__init__()
+        if stem is None:
+            resnet = make_resnet(arch)
+            stem = nn.Sequential(OrderedDict(
+                conv1=resnet.conv1, bn1=resnet.bn1, relu=resnet.relu, maxpool=resnet.maxpool))
+        self.modality = modality
+        self.add_module(modality, stem)
+
+    def forward(self, x):
+        return getattr(self, self.modality)(x)
+
+
+class SharedResNet(nn.Module):
+    """layer1..layer4 of a ResNet, shared by both modalities.
+    (B, 64, H/4, W/4) -> (B, C, H/16, W/16) with C = 2048 for ResNet-50, 512 for ResNet-18."""
+
+    def __init__(self, arch='resnet50'):
+        super().__init__()
+        resnet = make_resnet(arch)
+        self.base = nn.Sequential(OrderedDict(
+            layer1=resnet.layer1, layer2=resnet.layer2, layer3=resnet.layer3, layer4=resnet.layer4))
+
+    def forward(self, x):
+        return self.base(x)
+
+
+class TwoStreamBackbone(nn.Module):
+    """Modality-specific stems and shared ResNet stages.
+
+    stream='two': separate visible and thermal stems (the AGW design).
+    stream='one': one stem for both modalities, registered under both names so the state dict
+    carries `visible_module.*` and `thermal_module.*` (the same tensors) and loads anywhere.
+    Subclasses (the MMGL, AGW and DDAG networks) add their heads next to these modules, which
+    keeps every key at the top level as in the public networks.
+    """
+
+    def __init__(self, arch='resnet50', stream='two'):
+        super().__init__()
+        if stream not in ('one', 'two'):
+            raise ValueError(f'stream must be "one" or "two", got {stream!r}')
+        self.arch, self.stream = arch, stream
+        self.visible_module = ModalityStem('visible', arch)
+        shared_stem = self.visible_module.visible if stream == 'one' else None
+        self.thermal_module = ModalityStem('thermal', arch, stem=shared_stem)
+        self.base_resnet = SharedResNet(arch)
+        self.pool_dim = feature_dim(arch)
+
+    def stems(self, x_visible, x_thermal, modal=0):
+        """modal 0: both batches, visible first, concatenated on dim 0; 1: visible only; 2: thermal only."""
+        if modal == 1:
+            return self.visible_module(x_visible)
+        if modal == 2:
+            return self.thermal_module(x_thermal)
+        return torch.cat((self.visible_module(x_visible), self.thermal_module(x_thermal)), 0)
+
+    def feature_map(self, x_visible, x_thermal, modal=0):
+        """(B_v + B_t, C, H/16, W/16) for modal 0, else the map of the one modality."""
+        return self.base_resnet(self.stems(x_visible, x_thermal, modal))
+
+
+def sinkhorn(logits, num_iter=20, tau=1.0):
+    """Doubly-stochastic matrices from scores, by alternate row and column normalisation in log space.
+    logits: (B, S, S) -> (B, S, S), rows and columns each summing to 1."""
+    log_alpha = logits / tau
+    for _ in range(num_iter):
+        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=2, keepdim=True)
+        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=1, keepdim=True)
+    return log_alpha.exp()
+
+
+class MMGLNet(TwoStreamBackbone):
+    """MMGL pre-training network: the backbone, a permutation head and part projections.
+
+    One forward pass over stripe-shuffled images gives both what the permutation-recovery loss
+    needs (`permutations`, doubly-stochastic (B, S, S)) and what the part-aware cycle-contrastive
+    loss needs (`embeddings`, L2-normalised (B, P, 256) with P = S parts with `part`, else 1).
+    """
+
+    def __init__(self, arch='resnet50', stream='two', num_stripe=6, part=True,
+                 embed_dim=256, sinkhorn_iter=20, sinkhorn_tau=1.0):
+        super().__init__(arch, stream)
+        self.num_stripe, self.part = num_stripe, part
+        self.sinkhorn_iter, self.sinkhorn_tau = sinkhorn_iter, sinkhorn_tau
+        # Permutation head: names as in the public MMGL checkpoints (dropped before fine-tuning).
+        self.fc1 = nn.Linear(self.pool_dim, 1024)
+        self.fc2 = nn.Linear(1024, num_stripe * num_stripe)
+        num_parts = num_stripe if part else 1
+        self.local_conv_list = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(self.pool_dim, embed_dim, kernel_size=1),
+                          nn.BatchNorm2d(embed_dim), nn.ReLU(inplace=True))
+            for _ in range(num_parts))
+
+    def permutation_head(self, feature_map):
+        """(B, C, h, w) -> doubly-stochastic (B, S, S) estimate of each image's stripe permutation."""
+        pooled = feature_map.mean(dim=(2, 3))
+        scores = self.fc2(F.relu(self.fc1(pooled)))
+        scores = scores.view(-1, self.num_stripe, self.num_stripe)
+        return sinkhorn(scores, self.sinkhorn_iter, self.sinkhorn_tau)
+
+    def part_embeddings(self, feature_map):
+        """(B, C, h, w) -> L2-normalised (B, P, D): each horizontal part pooled and projected by its own conv."""
+        parts = F.adaptive_avg_pool2d(feature_map, (len(self.local_conv_list), 1))
+        embeddings = [conv(parts[:, :, i:i + 1]).flatten(1) for i, conv in enumerate(self.local_conv_list)]
+        return F.normalize(torch.stack(embeddings, dim=1), dim=2)
+
+    def forward(self, x_visible, x_thermal):
+        """x_visible: (B_v, 3, H, W), x_thermal: (B_t, 3, H, W), stripe-shuffled.
+        Returns {'permutations': (B_v + B_t, S, S), 'embeddings': (B_v + B_t, P, D)}, visible first."""
+        feature_map = self.feature_map(x_visible, x_thermal)
+        return {'permutations': self.permutation_head(feature_map),
+                'embeddings': self.part_embeddings(feature_map)}
+
+
+def backbone_state_dict(state_dict):
+    """The backbone tensors of a state dict: what the AGW/DDAG fine-tuning scripts load."""
+    heads = ('fc1.', 'fc2.', 'local_conv_list')
+    return {key: value for key, value in state_dict.items() if not key.startswith(heads)}
