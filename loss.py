@@ -67,3 +67,78 @@ def cycle_contrastive_loss(visible, thermal, temperature=0.07):
         return F.cross_entropy(logits, torch.arange(len(source), device=source.device))
 
     return 0.5 * (walk_and_return(visible, thermal) + walk_and_return(thermal, visible))
+
+
+# ----------------------------------------------------------------------------- identity losses of AGW and DDAG fine-tuning
+
+
+def pairwise_distances(features):
+    """Euclidean distances between the rows of (N, D) features: (N, N). Squares are clamped at
+    1e-12 before the root, so the root's gradient stays finite on the diagonal."""
+    squared_norms = features.pow(2).sum(dim=1, keepdim=True)
+    squared = squared_norms + squared_norms.t() - 2 * features @ features.t()
+    return squared.clamp(min=1e-12).sqrt()
+
+
+def same_identity(targets):
+    """(N,) labels -> (N, N) bool, True where two samples share an identity (the diagonal included)."""
+    return targets.unsqueeze(0) == targets.unsqueeze(1)
+
+
+class OriTripletLoss(torch.nn.Module):
+    """Batch-hard triplet loss (Hermans et al. 2017): per anchor, the furthest sample of its own
+    identity and the closest of another, hinged at `margin`.
+
+    forward(inputs (N, D), targets (N,)) -> (loss, correct): loss = mean relu(d_ap - d_an + margin);
+    correct = number of anchors whose hardest negative is no closer than their hardest positive.
+    """
+
+    def __init__(self, margin=0.3):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, inputs, targets):
+        distances = pairwise_distances(inputs)
+        positive = same_identity(targets)
+        hardest_positive = distances.masked_fill(~positive, float('-inf')).max(dim=1).values
+        hardest_negative = distances.masked_fill(positive, float('inf')).min(dim=1).values
+        loss = F.relu(hardest_positive - hardest_negative + self.margin).mean()
+        correct = (hardest_negative >= hardest_positive).sum().item()
+        return loss, correct
+
+
+def agw_softmax_weights(values, mask):
+    """Softmax over the entries of each row inside `mask`, as the public AGW code computes it.
+
+    values, mask: (N, N), values zero outside the mask; returns (N, N) weights, zero outside it.
+    The exponents are shifted by the row maximum of the values, zeros outside the mask included:
+    for distances to positives that is their largest, for negated distances to negatives it is 0.
+    Either way no exponent is positive, so nothing overflows. The 1e-6 added to the normaliser
+    makes the weights sum to just under 1, and to much less when every negative is far (the sum
+    of exp(-d) is then comparable to 1e-6): a quirk kept so that losses match the public code.
+    """
+    shift = values.max(dim=1, keepdim=True).values
+    exponentials = torch.exp(values - shift) * mask
+    return exponentials / (exponentials.sum(dim=1, keepdim=True) + 1e-6)
+
+
+class TripletLoss_WRT(torch.nn.Module):
+    """Weighted regularised triplet loss of AGW, without a margin to tune.
+
+    Per anchor, the positive distance is a softmax(d)-weighted mean over its identity (leaning to
+    the furthest) and the negative distance a softmax(-d)-weighted mean over the other identities
+    (leaning to the closest); loss = mean softplus(positive - negative), the soft-margin loss.
+    forward(inputs (N, D), targets (N,)) -> (loss, correct), correct = anchors with negative >= positive.
+    """
+
+    def forward(self, inputs, targets):
+        distances = pairwise_distances(inputs)
+        positive = same_identity(targets).float()
+        negative = 1.0 - positive
+        positive_distances = distances * positive
+        negative_distances = distances * negative
+        furthest_positive = (positive_distances * agw_softmax_weights(positive_distances, positive)).sum(dim=1)
+        closest_negative = (negative_distances * agw_softmax_weights(-negative_distances, negative)).sum(dim=1)
+        loss = F.softplus(furthest_positive - closest_negative).mean()
+        correct = (closest_negative >= furthest_positive).sum().item()
+        return loss, correct

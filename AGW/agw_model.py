@@ -1,0 +1,144 @@
+"""The AGW fine-tuning network: the shared two-stream backbone with non-local attention blocks,
+generalised-mean pooling and a BNNeck identity classifier (Ye et al., TPAMI 2021).
+
+The state dict has the keys and shapes of the public AGW `embed_net`, all at the top level:
+    visible_module.*, thermal_module.*, base_resnet.*   the backbone (see model.py)
+    NL_1 .. NL_4                                       non-local blocks of stages 1..4 (ModuleLists)
+    bottleneck.*                                       BNNeck: BatchNorm1d(pool_dim) without shift
+    classifier.weight                                  (class_num, pool_dim), no bias
+so public AGW checkpoints load here and these load in the public code.
+
+    --method base   embed_net(n, no_local='off', gm_pool='off')   average pooling, no attention
+    --method agw    embed_net(n)                                   non-local blocks + GeM pooling
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import TwoStreamBackbone
+
+# Non-local blocks per stage with no_local='on', placed after the last that many blocks of the
+# stage: for ResNet-50 (3, 4, 6, 3 blocks) after blocks 2, 3 of layer2 and 3, 4, 5 of layer3.
+# ResNet-18 stages have 2 blocks, so layer3 gets one after each.
+NON_LOCAL_PER_STAGE = (0, 2, 3, 0)
+BACKBONE_PREFIXES = ('visible_module.', 'thermal_module.', 'base_resnet.')
+
+
+class NonLocal(nn.Module):
+    """Non-local block with dot-product affinity scaled by 1/N (no softmax), added as a residual.
+
+    x: (B, C, H, W) -> (B, C, H, W). The batch norm closing `W` starts at weight 0 and bias 0,
+    so a fresh block is the identity and leaves the pre-trained backbone undisturbed.
+    """
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.inter_channels = in_channels // 2
+        self.g = nn.Sequential(nn.Conv2d(in_channels, self.inter_channels, kernel_size=1))
+        self.W = nn.Sequential(nn.Conv2d(self.inter_channels, in_channels, kernel_size=1),
+                               nn.BatchNorm2d(in_channels))
+        nn.init.zeros_(self.W[1].weight)
+        nn.init.zeros_(self.W[1].bias)
+        self.theta = nn.Conv2d(in_channels, self.inter_channels, kernel_size=1)
+        self.phi = nn.Conv2d(in_channels, self.inter_channels, kernel_size=1)
+
+    def forward(self, x):
+        batch, _, height, width = x.shape
+        queries = self.theta(x).flatten(2).transpose(1, 2)    # (B, N, C/2), N = H * W
+        keys = self.phi(x).flatten(2)                         # (B, C/2, N)
+        values = self.g(x).flatten(2).transpose(1, 2)         # (B, N, C/2)
+        affinity = queries @ keys / (height * width)          # (B, N, N)
+        context = (affinity @ values).transpose(1, 2).reshape(batch, self.inter_channels, height, width)
+        return x + self.W(context)
+
+
+def gem_pool(feature_map, p=3.0):
+    """Generalised-mean pooling: (B, C, H, W) -> (B, C), the p-th root of the mean of x^p over
+    positions. The inputs are post-ReLU, so non-negative; 1e-12 keeps the root's gradient finite."""
+    return (feature_map.flatten(2).pow(p).mean(dim=2) + 1e-12).pow(1.0 / p)
+
+
+class embed_net(TwoStreamBackbone):
+    """AGW network (the public class name and signature).
+
+    class_num: identities of the training set; no_local, gm_pool: 'on' or 'off';
+    arch: 'resnet50' (the public network) or 'resnet18'; stream: 'two' (public) or 'one' for
+    backbones pre-trained by MMGL with one shared stem.
+    """
+
+    def __init__(self, class_num, no_local='on', gm_pool='on', arch='resnet50', stream='two'):
+        super().__init__(arch, stream)
+        for name, value in (('no_local', no_local), ('gm_pool', gm_pool)):
+            if value not in ('on', 'off'):
+                raise ValueError(f'{name} must be "on" or "off", got {value!r}')
+        self.gem = gm_pool == 'on'
+        counts = NON_LOCAL_PER_STAGE if no_local == 'on' else (0, 0, 0, 0)
+        # Stage k outputs pool_dim / 2^(4-k) channels: 256, 512, 1024, 2048 for ResNet-50.
+        channels = [self.pool_dim >> shift for shift in (3, 2, 1, 0)]
+        self.NL_1, self.NL_2, self.NL_3, self.NL_4 = (
+            nn.ModuleList(NonLocal(width) for _ in range(min(count, len(stage))))
+            for width, count, stage in zip(channels, counts, self.base_resnet.base))
+
+        self.bottleneck = nn.BatchNorm1d(self.pool_dim)
+        self.bottleneck.bias.requires_grad_(False)  # BNNeck scales but does not shift
+        nn.init.normal_(self.bottleneck.weight, 1.0, 0.01)
+        nn.init.zeros_(self.bottleneck.bias)
+        self.classifier = nn.Linear(self.pool_dim, class_num, bias=False)
+        nn.init.normal_(self.classifier.weight, 0.0, 0.001)
+
+    def stages_with_non_local(self):
+        """(stage, its non-local blocks) for layer1..layer4; block j of k follows stage block len(stage) - k + j."""
+        return zip(self.base_resnet.base, (self.NL_1, self.NL_2, self.NL_3, self.NL_4))
+
+    def forward(self, x_visible, x_thermal, modal=0):
+        """x_visible, x_thermal: (B_v, 3, H, W), (B_t, 3, H, W); modal as in `stems`.
+
+        Training: (pooled (B, pool_dim) for the triplet loss, identity logits (B, class_num)).
+        Eval: (L2-normalised pooled, L2-normalised BNNeck feature), both (B, pool_dim).
+        B = B_v + B_t for modal 0 (visible first), else the batch of the one modality.
+        """
+        x = self.stems(x_visible, x_thermal, modal)
+        for stage, non_locals in self.stages_with_non_local():
+            first_with_non_local = len(stage) - len(non_locals)
+            for index, block in enumerate(stage):
+                x = block(x)
+                if index >= first_with_non_local:
+                    x = non_locals[index - first_with_non_local](x)
+        pooled = gem_pool(x) if self.gem else x.mean(dim=(2, 3))
+        feat = self.bottleneck(pooled)
+        if self.training:
+            return pooled, self.classifier(feat)
+        return F.normalize(pooled, dim=1), F.normalize(feat, dim=1)
+
+    def optimizer_groups(self, lr):
+        """Parameter groups as AGW trains them: the backbone and non-local blocks at 0.1 x lr, the
+        BNNeck and classifier at lr. Each group carries its 'lr_scale' for utils.set_lr.
+        A one-stem backbone's shared stem appears once (parameters() skips repeats)."""
+        head = list(self.bottleneck.parameters()) + list(self.classifier.parameters())
+        head_ids = {id(parameter) for parameter in head}
+        backbone = [parameter for parameter in self.parameters() if id(parameter) not in head_ids]
+        return [{'params': backbone, 'lr': 0.1 * lr, 'lr_scale': 0.1},
+                {'params': head, 'lr': lr, 'lr_scale': 1.0}]
+
+    def load_backbone(self, state_dict):
+        """Copy the backbone tensors (visible_module.*, thermal_module.*, base_resnet.*) of another
+        network's state dict, an MMGL, AGW or DDAG one, into this network; other keys are heads
+        and are ignored, and the non-local blocks, BNNeck and classifier keep their initialisation.
+        Raises ValueError unless every backbone key of this network comes with its shape and no other.
+        """
+        given = {key: value for key, value in state_dict.items() if key.startswith(BACKBONE_PREFIXES)}
+        expected = {key: value.shape for key, value in self.state_dict().items() if key.startswith(BACKBONE_PREFIXES)}
+        problems = (('lacks', sorted(set(expected) - set(given))),
+                    ('has unknown', sorted(set(given) - set(expected))),
+                    ('has other shapes for', sorted(key for key in set(given) & set(expected)
+                                                    if given[key].shape != expected[key])))
+        for problem, keys in problems:
+            if keys:
+                raise ValueError(f'the checkpoint {problem} {len(keys)} backbone tensors of a {self.arch} '
+                                 f'network, e.g. {", ".join(keys[:3])}')
+        # One shared stem cannot hold two different ones: loading would silently keep the thermal one.
+        if self.stream == 'one' and not all(
+                torch.equal(value, given['thermal_module.thermal' + key[len('visible_module.visible'):]])
+                for key, value in given.items() if key.startswith('visible_module.')):
+            raise ValueError('the checkpoint has separate visible and thermal stems: load it into a two-stream network')
+        self.load_state_dict(given, strict=False)

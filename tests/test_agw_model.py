@@ -1,0 +1,225 @@
+"""The AGW network: public state-dict layout, forward pass, pooling, non-local blocks, optimiser groups
+and loading of MMGL pre-trained backbones."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import utils
+from AGW.agw_model import NonLocal, embed_net, gem_pool
+from model import MMGLNet, backbone_state_dict
+from tests.test_model_loss import BN_KEYS, public_agw_backbone_keys
+
+# The public AGW network with non-local on: 2 blocks in layer2 (512 channels), 3 in layer3 (1024).
+PUBLIC_NON_LOCAL = {'NL_2': (2, 512), 'NL_3': (3, 1024)}
+
+
+def public_agw_shapes(class_num, non_local):
+    """Shapes of the public AGW tensors outside the backbone, written out from its module names."""
+    shapes = {f'bottleneck.{name}': (2048,) for name in BN_KEYS if name != 'num_batches_tracked'}
+    shapes['bottleneck.num_batches_tracked'] = ()
+    shapes['classifier.weight'] = (class_num, 2048)
+    if non_local:
+        for name, (count, channels) in PUBLIC_NON_LOCAL.items():
+            inner = channels // 2
+            for index in range(count):
+                block = f'{name}.{index}'
+                for conv in ('g.0', 'theta', 'phi'):
+                    shapes[f'{block}.{conv}.weight'] = (inner, channels, 1, 1)
+                    shapes[f'{block}.{conv}.bias'] = (inner,)
+                shapes[f'{block}.W.0.weight'] = (channels, inner, 1, 1)
+                shapes[f'{block}.W.0.bias'] = (channels,)
+                shapes.update({f'{block}.W.1.{key}': (channels,) for key in BN_KEYS if key != 'num_batches_tracked'})
+                shapes[f'{block}.W.1.num_batches_tracked'] = ()
+    return shapes
+
+
+@pytest.mark.parametrize('method, stream', [('base', 'two'), ('agw', 'two'), ('agw', 'one')])
+def test_state_dict_is_the_public_agw_layout(method, stream):
+    switch = 'on' if method == 'agw' else 'off'
+    state = embed_net(395, no_local=switch, gm_pool=switch, stream=stream).state_dict()
+    heads = public_agw_shapes(395, non_local=method == 'agw')
+    assert set(state) == public_agw_backbone_keys() | set(heads)
+    assert {key: tuple(state[key].shape) for key in heads} == heads
+    if method == 'agw':
+        assert state['NL_2.0.g.0.weight'].shape == (256, 512, 1, 1)
+        assert state['NL_3.0.W.0.weight'].shape == (1024, 512, 1, 1)
+    assert state['classifier.weight'].shape == (395, 2048)
+
+
+def test_bnneck_and_classifier_start_as_in_the_public_code():
+    model = embed_net(300, arch='resnet18')
+    assert model.bottleneck.bias.requires_grad is False
+    assert (model.bottleneck.bias == 0).all()
+    assert model.bottleneck.weight.mean().item() == pytest.approx(1.0, abs=0.003)
+    assert model.bottleneck.weight.std().item() == pytest.approx(0.01, rel=0.2)
+    assert model.classifier.bias is None
+    assert model.classifier.weight.mean().item() == pytest.approx(0.0, abs=2e-5)
+    assert model.classifier.weight.std().item() == pytest.approx(0.001, rel=0.05)
+
+
+def test_non_local_blocks_follow_the_public_block_indices():
+    model = embed_net(10).eval()
+    order = []
+    for name, module in model.named_modules():
+        is_block = name.startswith('base_resnet.base.layer') and name.count('.') == 3
+        if is_block or (name.startswith('NL_') and name.count('.') == 1):
+            module.register_forward_hook(lambda module, inputs, output, name=name: order.append(name))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 32), None, modal=1)
+
+    def blocks(layer, indices):
+        return [f'base_resnet.base.layer{layer}.{index}' for index in indices]
+
+    expected = (blocks(1, range(3)) + blocks(2, range(3)) + ['NL_2.0'] + blocks(2, [3]) + ['NL_2.1']
+                + blocks(3, range(4)) + ['NL_3.0'] + blocks(3, [4]) + ['NL_3.1'] + blocks(3, [5]) + ['NL_3.2']
+                + blocks(4, range(3)))
+    assert order == expected
+
+
+def test_resnet18_runs_every_non_local_block_once():
+    # two blocks per stage: layer3 has room for two of the three non-local blocks, one after each
+    model = embed_net(10, arch='resnet18').eval()
+    assert [len(blocks) for blocks in (model.NL_1, model.NL_2, model.NL_3, model.NL_4)] == [0, 2, 2, 0]
+    assert model.NL_3[0].W[0].out_channels == 256
+    calls = []
+    for name, module in model.named_modules():
+        if name.startswith('NL_') and name.count('.') == 1:
+            module.register_forward_hook(lambda module, inputs, output, name=name: calls.append(name))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 32), None, modal=1)
+    assert calls == ['NL_2.0', 'NL_2.1', 'NL_3.0', 'NL_3.1']
+
+
+@pytest.mark.parametrize('switch', ['on', 'off'])
+def test_forward_shapes_in_training_and_eval(switch):
+    model = embed_net(7, no_local=switch, gm_pool=switch, arch='resnet18')
+    visible, thermal = torch.randn(3, 3, 64, 32), torch.randn(2, 3, 64, 32)
+    pooled, logits = model(visible, thermal)
+    assert pooled.shape == (5, 512) and logits.shape == (5, 7)
+    assert (pooled >= 0).all()  # pooled post-ReLU maps
+    model.eval()
+    with torch.no_grad():
+        for modal, batch in ((0, 5), (1, 3), (2, 2)):
+            outputs = model(visible, thermal, modal=modal)
+            assert len(outputs) == 2
+            for output in outputs:
+                assert output.shape == (batch, 512)
+                assert torch.allclose(output.norm(dim=1), torch.ones(batch), atol=1e-5)
+
+
+@pytest.mark.parametrize('gm_pool', ['on', 'off'])
+def test_eval_outputs_are_the_pooled_map_and_its_bnneck_feature(gm_pool):
+    model = embed_net(7, no_local='off', gm_pool=gm_pool, arch='resnet18').eval()
+    visible, thermal = torch.randn(2, 3, 64, 32), torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        pooled_normalised, feat_normalised = model(visible, thermal)
+        feature_map = model.feature_map(visible, thermal)
+        pooled = gem_pool(feature_map) if gm_pool == 'on' else feature_map.mean(dim=(2, 3))
+        feat = model.bottleneck(pooled)
+    assert torch.allclose(pooled_normalised, F.normalize(pooled), atol=1e-6)
+    assert torch.allclose(feat_normalised, F.normalize(feat), atol=1e-6)
+
+
+def test_gem_pool_is_the_cube_root_of_the_mean_cube():
+    feature_map = torch.rand(2, 3, 4, 5, dtype=torch.float64)
+    pooled = gem_pool(feature_map)
+    for b in range(2):
+        for c in range(3):
+            values = feature_map[b, c].flatten().tolist()
+            expected = (sum(v ** 3 for v in values) / len(values) + 1e-12) ** (1 / 3)
+            assert pooled[b, c].item() == pytest.approx(expected, rel=1e-12)
+    # between the mean and the max, and exact on a constant map
+    assert (pooled >= feature_map.mean(dim=(2, 3))).all() and (pooled <= feature_map.amax(dim=(2, 3))).all()
+    assert torch.allclose(gem_pool(torch.full((1, 2, 3, 3), 0.5)), torch.full((1, 2), 0.5))
+
+
+def test_fresh_non_local_block_is_the_identity():
+    block = NonLocal(16)
+    x = torch.randn(2, 16, 5, 3)
+    assert torch.allclose(block(x), x)
+    assert torch.allclose(block.eval()(x), x)
+
+
+def test_non_local_block_mixes_positions_by_scaled_dot_product():
+    torch.manual_seed(0)
+    block = NonLocal(8).eval()
+    torch.nn.init.normal_(block.W[1].weight)
+    torch.nn.init.normal_(block.W[1].bias)
+    x = torch.randn(2, 8, 3, 2)
+
+    def conv(layer, inputs):  # a 1x1 convolution written out
+        return torch.einsum('oc,bchw->bohw', layer.weight[:, :, 0, 0], inputs) + layer.bias.view(1, -1, 1, 1)
+
+    theta, phi, g = conv(block.theta, x), conv(block.phi, x), conv(block.g[0], x)
+    positions = [(i, j) for i in range(3) for j in range(2)]
+    context = torch.zeros_like(theta)
+    for b in range(2):
+        for (i, j) in positions:
+            for (k, l) in positions:
+                affinity = (theta[b, :, i, j] * phi[b, :, k, l]).sum() / len(positions)
+                context[b, :, i, j] += affinity * g[b, :, k, l]
+    norm = block.W[1]
+    projected = conv(block.W[0], context)
+    expected = x + (projected - norm.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
+        norm.running_var.view(1, -1, 1, 1) + norm.eps) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('stream', ['one', 'two'])
+def test_optimizer_groups_scale_the_backbone_by_a_tenth(stream):
+    model = embed_net(7, arch='resnet18', stream=stream)
+    groups = model.optimizer_groups(lr=0.1)
+    assert [group['lr_scale'] for group in groups] == [0.1, 1.0]
+    ids = [[id(parameter) for parameter in group['params']] for group in groups]
+    everything = [id(parameter) for parameter in model.parameters()]
+    assert sorted(ids[0] + ids[1]) == sorted(everything)  # each parameter once, shared stem included
+    head = [model.bottleneck.weight, model.bottleneck.bias, model.classifier.weight]
+    assert set(ids[1]) == {id(parameter) for parameter in head}
+    assert {id(parameter) for parameter in model.NL_3.parameters()} <= set(ids[0])
+    assert id(model.visible_module.visible.conv1.weight) in ids[0]
+    optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)  # SGD refuses repeated parameters
+    utils.set_lr(optimizer, 0.02)
+    assert [group['lr'] for group in optimizer.param_groups] == pytest.approx([0.002, 0.02])
+
+
+@pytest.mark.parametrize('stream', ['one', 'two'])
+def test_mmgl_backbone_fills_every_backbone_tensor(stream):
+    pretrained = MMGLNet('resnet50', stream).state_dict()
+    for value in pretrained.values():
+        if value.is_floating_point():
+            value.uniform_()  # values no fresh network has
+    heads = ('NL_', 'bottleneck', 'classifier')
+
+    # the public way: a non-strict load whose only missing keys are AGW's own heads
+    missing, unexpected = embed_net(10, stream=stream).load_state_dict(backbone_state_dict(pretrained), strict=False)
+    assert unexpected == [] and missing and all(key.startswith(heads) for key in missing)
+
+    model = embed_net(10, stream=stream)
+    heads_before = {key: value.clone() for key, value in model.state_dict().items() if key.startswith(heads)}
+    model.load_backbone(pretrained)
+    state = model.state_dict()
+    for key in public_agw_backbone_keys():
+        assert torch.equal(state[key], pretrained[key]), key
+    for key, value in heads_before.items():
+        assert torch.equal(state[key], value), key
+
+
+def test_load_backbone_refuses_a_mismatched_checkpoint():
+    model = embed_net(10, arch='resnet18', no_local='off', gm_pool='off')
+    pretrained = MMGLNet('resnet18').state_dict()
+    del pretrained['base_resnet.base.layer2.0.conv1.weight']
+    with pytest.raises(ValueError, match='lacks 1 backbone'):
+        model.load_backbone(pretrained)
+    with pytest.raises(ValueError, match='unknown'):
+        model.load_backbone(MMGLNet('resnet50').state_dict())
+    # a one-stem network takes a one-stem checkpoint, not two different stems
+    one_stream = embed_net(10, arch='resnet18', stream='one')
+    one_stream.load_backbone(MMGLNet('resnet18', 'one').state_dict())
+    with pytest.raises(ValueError, match='two-stream'):
+        one_stream.load_backbone(MMGLNet('resnet18', 'two').state_dict())
+
+
+def test_switches_must_be_on_or_off():
+    with pytest.raises(ValueError, match='no_local'):
+        embed_net(10, no_local=True, arch='resnet18')
