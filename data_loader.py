@@ -1,0 +1,151 @@
+"""Datasets, transforms and the unpaired sampler that feed the networks.
+
+Training datasets hold a visible and a thermal (infrared) image set side by side; an item is
+addressed by a pair (visible_index, thermal_index) that a sampler chooses, and comes back as
+(visible_tensor, thermal_tensor, visible_label, thermal_label).
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms as transforms
+from torch.utils.data import Dataset, Sampler
+
+from data_manager import read_image, read_regdb_index, train_array_paths
+from utils import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(img_h=288, img_w=144):
+    """uint8 (H, W, 3) array -> normalised (3, img_h, img_w) tensor, with pad + random crop and
+    horizontal flip. The padding scales with the height: 10 pixels at the default 288."""
+    padding = max(1, round(10 * img_h / 288))
+    return transforms.Compose([
+        transforms.ToPILImage(),
+        transforms.Resize((img_h, img_w)),
+        transforms.Pad(padding),
+        transforms.RandomCrop((img_h, img_w)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def test_transform(img_h=288, img_w=144):
+    """uint8 (H, W, 3) array -> normalised (3, img_h, img_w) tensor."""
+    return transforms.Compose([
+        transforms.ToPILImage(),
+        transforms.Resize((img_h, img_w)),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class CrossModalityData(Dataset):
+    """Visible and thermal training images; item (visible_index, thermal_index) ->
+    (visible (3, h, w) tensor, thermal (3, h, w) tensor, visible label, thermal label).
+
+    visible_images: (Nv, H, W, 3) uint8, visible_labels: (Nv,); likewise thermal with Nt.
+    The length is Nv, the number of visible images, as in the public code.
+    """
+
+    def __init__(self, visible_images, visible_labels, thermal_images, thermal_labels, transform):
+        self.visible_images = visible_images
+        self.visible_labels = np.asarray(visible_labels)
+        self.thermal_images = thermal_images
+        self.thermal_labels = np.asarray(thermal_labels)
+        self.transform = transform
+
+    def __getitem__(self, pair):
+        visible_index, thermal_index = pair
+        return (self.transform(self.visible_images[visible_index]),
+                self.transform(self.thermal_images[thermal_index]),
+                int(self.visible_labels[visible_index]),
+                int(self.thermal_labels[thermal_index]))
+
+    def __len__(self):
+        return len(self.visible_labels)
+
+
+class SYSUData(CrossModalityData):
+    """SYSU-MM01 training set from the arrays of pre_process_sysu.py; also keeps the camera
+    number of every image in visible_cams, thermal_cams."""
+
+    def __init__(self, data_path, transform):
+        paths = train_array_paths(data_path)
+        arrays = {name: np.load(path) for name, path in paths.items()}
+        for modality in ('rgb', 'ir'):
+            lengths = {len(arrays[f'train_{modality}_resized_{kind}.npy']) for kind in ('img', 'label', 'cam')}
+            if len(lengths) != 1:
+                raise UserError(f'The train_{modality}_resized_*.npy arrays in {data_path} disagree in length: '
+                                f'run `python pre_process_sysu.py --data_path {data_path}` again.')
+        super().__init__(arrays['train_rgb_resized_img.npy'], arrays['train_rgb_resized_label.npy'],
+                         arrays['train_ir_resized_img.npy'], arrays['train_ir_resized_label.npy'], transform)
+        self.visible_cams = arrays['train_rgb_resized_cam.npy']
+        self.thermal_cams = arrays['train_ir_resized_cam.npy']
+
+
+class RegDBData(CrossModalityData):
+    """RegDB training set of one trial (1..10), every image loaded, RGB, resized with Lanczos to
+    img_size=(width, height)."""
+
+    def __init__(self, data_path, trial, transform, img_size=(144, 288)):
+        data_path = Path(data_path)
+        loaded = {}
+        for modality in ('visible', 'thermal'):
+            image_paths, labels = read_regdb_index(data_path / 'idx' / f'train_{modality}_{trial}.txt')
+            images = np.stack([read_image(data_path / image_path, img_size) for image_path in image_paths])
+            loaded[modality] = (images, labels)
+        super().__init__(*loaded['visible'], *loaded['thermal'], transform)
+
+
+class TestData(Dataset):
+    """Query or gallery images, loaded once into memory (RGB, Lanczos-resized to
+    img_size=(width, height)); item i -> ((3, h, w) tensor, label)."""
+
+    def __init__(self, paths, labels, transform, img_size=(144, 288)):
+        if len(paths) == 0:
+            raise UserError('No test images to load: check the test split of the dataset (--data_path).')
+        self.images = np.stack([read_image(path, img_size) for path in paths])
+        self.labels = np.asarray(labels)
+        self.transform = transform
+
+    def __getitem__(self, index):
+        return self.transform(self.images[index]), int(self.labels[index])
+
+    def __len__(self):
+        return len(self.images)
+
+
+class UnpairedSampler(Sampler):
+    """Random (visible_index, thermal_index) pairs for self-supervised pre-training: identities are
+    never looked at, so a visible image is paired with an arbitrary thermal one.
+
+    Yields num_samples pairs (default num_visible): visible indices run through fresh
+    torch.randperm(num_visible) permutations, thermal ones through fresh torch.randperm(num_thermal)
+    permutations, one after the other. Draws from torch's global generator, so torch.manual_seed or
+    a restored RNG state reproduces the order.
+    """
+
+    def __init__(self, num_visible, num_thermal, num_samples=None):
+        if num_visible < 1 or num_thermal < 1:
+            raise ValueError(f'UnpairedSampler needs images of both modalities, '
+                             f'got {num_visible} visible and {num_thermal} thermal.')
+        self.num_visible = num_visible
+        self.num_thermal = num_thermal
+        self.num_samples = num_visible if num_samples is None else num_samples
+
+    def _permuted_indices(self, population):
+        """num_samples indices in [0, population): permutations of the population, concatenated."""
+        rounds = max(1, -(-self.num_samples // population))
+        return torch.cat([torch.randperm(population) for _ in range(rounds)])[:self.num_samples]
+
+    def __iter__(self):
+        visible = self._permuted_indices(self.num_visible).tolist()
+        thermal = self._permuted_indices(self.num_thermal).tolist()
+        return iter(zip(visible, thermal))
+
+    def __len__(self):
+        return self.num_samples
