@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torchvision
 
 ARCHS = ('resnet18', 'resnet50')
+BACKBONE_PREFIXES = ('visible_module.', 'thermal_module.', 'base_resnet.')
 
 
 def make_resnet(arch):
@@ -99,6 +100,29 @@ class TwoStreamBackbone(nn.Module):
         """(B_v + B_t, C, H/16, W/16) for modal 0, else the map of the one modality."""
         return self.base_resnet(self.stems(x_visible, x_thermal, modal))
 
+    def load_backbone(self, state_dict):
+        """Copy the backbone tensors (visible_module.*, thermal_module.*, base_resnet.*) of another
+        network's state dict, an MMGL, AGW or DDAG one, into this network; other keys are heads
+        and are ignored, and this network's heads keep their initialisation.
+        Raises ValueError unless every backbone key of this network comes with its shape and no other.
+        """
+        given = {key: value for key, value in state_dict.items() if key.startswith(BACKBONE_PREFIXES)}
+        expected = {key: value.shape for key, value in self.state_dict().items() if key.startswith(BACKBONE_PREFIXES)}
+        problems = (('lacks', sorted(set(expected) - set(given))),
+                    ('has unknown', sorted(set(given) - set(expected))),
+                    ('has other shapes for', sorted(key for key in set(given) & set(expected)
+                                                    if given[key].shape != expected[key])))
+        for problem, keys in problems:
+            if keys:
+                raise ValueError(f'the checkpoint {problem} {len(keys)} backbone tensors of a {self.arch} '
+                                 f'network, e.g. {", ".join(keys[:3])}')
+        # One shared stem cannot hold two different ones: loading would silently keep the thermal one.
+        if self.stream == 'one' and not all(
+                torch.equal(value, given['thermal_module.thermal' + key[len('visible_module.visible'):]])
+                for key, value in given.items() if key.startswith('visible_module.')):
+            raise ValueError('the checkpoint has separate visible and thermal stems: load it into a two-stream network')
+        self.load_state_dict(given, strict=False)
+
 
 def sinkhorn(logits, num_iter=20, tau=1.0):
     """Doubly-stochastic matrices from scores, by alternate row and column normalisation in log space.
@@ -151,6 +175,22 @@ class MMGLNet(TwoStreamBackbone):
         feature_map = self.feature_map(x_visible, x_thermal)
         return {'permutations': self.permutation_head(feature_map),
                 'embeddings': self.part_embeddings(feature_map)}
+
+
+def mmgl_config(state_dict):
+    """The MMGLNet arguments that built `state_dict`: arch, num_stripe, part (ValueError if it is no
+    MMGL pre-training state dict). A one-stream checkpoint holds both stems, so it loads as two."""
+    required = ('visible_module.visible.conv1.weight', 'thermal_module.thermal.conv1.weight',
+                'base_resnet.base.layer4.0.conv1.weight', 'fc2.weight', 'local_conv_list.0.0.weight')
+    missing = [key for key in required if key not in state_dict]
+    if missing:
+        found = ', '.join(list(state_dict)[:3]) or 'nothing'
+        raise ValueError(f'expected an MMGL pre-training state dict with keys such as {", ".join(missing)}; '
+                         f'found {found}, ...')
+    num_stripe = round(state_dict['fc2.weight'].shape[0] ** 0.5)
+    num_parts = len({key.split('.')[1] for key in state_dict if key.startswith('local_conv_list.')})
+    arch = 'resnet50' if 'base_resnet.base.layer1.0.conv3.weight' in state_dict else 'resnet18'
+    return {'arch': arch, 'num_stripe': num_stripe, 'part': num_parts > 1}
 
 
 def backbone_state_dict(state_dict):

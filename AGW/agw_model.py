@@ -11,7 +11,6 @@ so public AGW checkpoints load here and these load in the public code.
     --method base   embed_net(n, no_local='off', gm_pool='off')   average pooling, no attention
     --method agw    embed_net(n)                                   non-local blocks + GeM pooling
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -21,7 +20,6 @@ from model import TwoStreamBackbone
 # stage: for ResNet-50 (3, 4, 6, 3 blocks) after blocks 2, 3 of layer2 and 3, 4, 5 of layer3.
 # ResNet-18 stages have 2 blocks, so layer3 gets one after each.
 NON_LOCAL_PER_STAGE = (0, 2, 3, 0)
-BACKBONE_PREFIXES = ('visible_module.', 'thermal_module.', 'base_resnet.')
 
 
 class NonLocal(nn.Module):
@@ -119,26 +117,3 @@ class embed_net(TwoStreamBackbone):
         backbone = [parameter for parameter in self.parameters() if id(parameter) not in head_ids]
         return [{'params': backbone, 'lr': 0.1 * lr, 'lr_scale': 0.1},
                 {'params': head, 'lr': lr, 'lr_scale': 1.0}]
-
-    def load_backbone(self, state_dict):
-        """Copy the backbone tensors (visible_module.*, thermal_module.*, base_resnet.*) of another
-        network's state dict, an MMGL, AGW or DDAG one, into this network; other keys are heads
-        and are ignored, and the non-local blocks, BNNeck and classifier keep their initialisation.
-        Raises ValueError unless every backbone key of this network comes with its shape and no other.
-        """
-        given = {key: value for key, value in state_dict.items() if key.startswith(BACKBONE_PREFIXES)}
-        expected = {key: value.shape for key, value in self.state_dict().items() if key.startswith(BACKBONE_PREFIXES)}
-        problems = (('lacks', sorted(set(expected) - set(given))),
-                    ('has unknown', sorted(set(given) - set(expected))),
-                    ('has other shapes for', sorted(key for key in set(given) & set(expected)
-                                                    if given[key].shape != expected[key])))
-        for problem, keys in problems:
-            if keys:
-                raise ValueError(f'the checkpoint {problem} {len(keys)} backbone tensors of a {self.arch} '
-                                 f'network, e.g. {", ".join(keys[:3])}')
-        # One shared stem cannot hold two different ones: loading would silently keep the thermal one.
-        if self.stream == 'one' and not all(
-                torch.equal(value, given['thermal_module.thermal' + key[len('visible_module.visible'):]])
-                for key, value in given.items() if key.startswith('visible_module.')):
-            raise ValueError('the checkpoint has separate visible and thermal stems: load it into a two-stream network')
-        self.load_state_dict(given, strict=False)
