@@ -55,7 +55,7 @@ def preprocess_sysu(data_path, progress=True):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--data_path', default=None,
                         help=f'SYSU-MM01 folder (default: {data_path_for("sysu")})')
     args = parser.parse_args()

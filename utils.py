@@ -208,3 +208,21 @@ def make_logger(log_file):
         handler.setFormatter(logging.Formatter('%(message)s'))
         logger.addHandler(handler)
     return logger
+
+
+# ----------------------------------------------------------------------------- inference
+
+@torch.no_grad()
+def extract_features(forward, loader, device):
+    """Run `forward(images)` over a loader of (images, labels) batches.
+
+    forward returns a (B, D) tensor or a tuple of them; the result is a tuple of (N, D) float32
+    numpy arrays, one per output, in loader order.
+    """
+    outputs = []
+    for images, _ in loader:
+        batch_outputs = forward(images.to(device, non_blocking=True))
+        if torch.is_tensor(batch_outputs):
+            batch_outputs = (batch_outputs,)
+        outputs.append([output.float().cpu() for output in batch_outputs])
+    return tuple(torch.cat(column).numpy() for column in zip(*outputs))

@@ -13,6 +13,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import synthetic  # noqa: E402
+from data_manager import prepare_dataset  # noqa: E402
 from pre_process_sysu import preprocess_sysu  # noqa: E402
 
 # Small enough to generate in about a second; twelve gallery images per folder so that multi-shot
@@ -41,3 +42,10 @@ def sysu_preprocessed(tmp_path_factory):
 def regdb_tree(tmp_path_factory):
     """Path of a small synthetic RegDB tree: 6 identities, 3 images per modality, trials 1..10."""
     return synthetic.make_synthetic_regdb(tmp_path_factory.mktemp('regdb') / 'RegDB', **SMALL_REGDB)
+
+
+@pytest.fixture(scope='session')
+def synthetic_demo(tmp_path_factory):
+    """The default synthetic SYSU-MM01 look-alike (40 training identities, 12 test identities), generated
+    and pre-processed as --dataset synthetic does."""
+    return prepare_dataset('synthetic', tmp_path_factory.mktemp('data') / 'synthetic')

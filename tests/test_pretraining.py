@@ -1,0 +1,123 @@
+"""End to end: pre-training with train.py and judging the checkpoint with test.py, on generated data."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import test as mmgl_test
+import train as mmgl_train
+from utils import REPO_ROOT, UserError
+
+
+def run_args(tmp_path, data_path, *extra):
+    return ['--dataset', 'synthetic', '--data_path', str(data_path), '--arch', 'resnet18',
+            '--img_h', '48', '--img_w', '24', '--workers', '0', '--model_path', str(tmp_path / 'save_model'),
+            '--log_path', str(tmp_path / 'log'), '--vis_log_path', str(tmp_path / 'log' / 'vis'), *extra]
+
+
+def test_short_pretraining_learns_to_recover_permutations(tmp_path, synthetic_demo):
+    history = mmgl_train.main(run_args(tmp_path, synthetic_demo, '--batch-size', '16', '--optim', 'adam',
+                                       '--lr', '0.003', '--epochs', '3'))
+    chance_exact, chance_stripe = 1 / 720, 1 / 6
+    assert history[-1]['perm_stripe'] > 1.8 * chance_stripe
+    assert history[-1]['perm_exact'] > 5 * chance_exact
+
+    name = 'synthetic_mmgl_two_resnet18_s6_lr_0.003_seed_0'
+    weights = tmp_path / 'save_model' / f'{name}_epoch_3.t'
+    assert weights.is_file() and (tmp_path / 'save_model' / f'{name}_state.t').is_file()
+    assert 'perm acc exact' in (tmp_path / 'log' / f'{name}.log').read_text()
+    assert list((tmp_path / 'log' / 'vis' / name).glob('events.out.tfevents.*'))
+    state = torch.load(weights, weights_only=True)
+    assert all(torch.is_tensor(value) for value in state.values())
+
+    results = mmgl_test.main(['--dataset', 'synthetic', '--data_path', str(synthetic_demo), '--resume', str(weights),
+                              '--img_h', '48', '--img_w', '24', '--workers', '0'])
+    assert results['perm_stripe'] > 1.5 * chance_stripe
+    assert 0 < results['cmc'][0] <= 1 and 0 < results['mAP'] <= 1
+
+
+def test_pcc_loss_falls_during_pretraining(tmp_path, sysu_preprocessed):
+    history = mmgl_train.main(run_args(tmp_path, sysu_preprocessed, '--batch-size', '8', '--optim', 'adam',
+                                       '--lr', '0.003', '--epochs', '3', '--pcc', '--part'))
+    assert history[-1]['pcc_loss'] < 0.9 * history[0]['pcc_loss']
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path, sysu_preprocessed):
+    common = ('--batch-size', '8', '--lr', '0.01', '--save_epoch', '1')
+    straight = tmp_path / 'straight'
+    mmgl_train.main(run_args(straight, sysu_preprocessed, *common, '--epochs', '2'))
+
+    interrupted = tmp_path / 'interrupted'
+    mmgl_train.main(run_args(interrupted, sysu_preprocessed, *common, '--epochs', '1'))
+    name = 'synthetic_mmgl_two_resnet18_s6_lr_0.01_seed_0'
+    history = mmgl_train.main(run_args(interrupted, sysu_preprocessed, *common, '--epochs', '2',
+                                       '--resume', f'{name}_state.t'))
+    assert len(history) == 1  # only the second epoch ran
+    assert 'resumed' in (interrupted / 'log' / f'{name}.log').read_text()
+    resumed = torch.load(interrupted / 'save_model' / f'{name}_epoch_2.t', weights_only=True)
+    reference = torch.load(straight / 'save_model' / f'{name}_epoch_2.t', weights_only=True)
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.allclose(resumed[key].float(), reference[key].float(), atol=1e-5), key
+
+
+def test_resume_rejects_a_weights_file_and_other_flags(tmp_path, sysu_preprocessed):
+    mmgl_train.main(run_args(tmp_path, sysu_preprocessed, '--batch-size', '8', '--epochs', '1'))
+    name = 'synthetic_mmgl_two_resnet18_s6_lr_0.1_seed_0'
+    with pytest.raises(UserError, match='not a training-state file'):
+        mmgl_train.main(run_args(tmp_path, sysu_preprocessed, '--batch-size', '8', '--epochs', '2',
+                                 '--resume', f'{name}_epoch_1.t'))
+    with pytest.raises(UserError, match='resume with the same flags'):
+        mmgl_train.main(run_args(tmp_path, sysu_preprocessed, '--batch-size', '8', '--epochs', '2', '--pcc',
+                                 '--part', '--resume', f'{name}_state.t'))
+
+
+@pytest.mark.parametrize('flags, message', [
+    (('--data_path', '/nonexistent/SYSU-MM01', '--dataset', 'sysu'), 'SYSU-MM01 not found'),
+    (('--img_h', '50'), 'not divisible by --num_stripe'),
+    (('--part',), 'add --pcc'),
+    (('--resume', 'missing_state.t'), 'no checkpoint file'),
+])
+def test_train_bad_input_is_one_clear_error(tmp_path, sysu_preprocessed, flags, message):
+    with pytest.raises(UserError, match=message):
+        mmgl_train.main(run_args(tmp_path, sysu_preprocessed, '--epochs', '1', *flags))
+
+
+def test_train_needs_the_preprocessed_arrays(tmp_path, sysu_tree):
+    with pytest.raises(UserError, match='pre_process_sysu.py'):
+        mmgl_train.main(run_args(tmp_path, sysu_tree, '--dataset', 'sysu', '--epochs', '1'))
+
+
+def test_test_script_rejects_missing_and_foreign_checkpoints(tmp_path, sysu_preprocessed):
+    args = ['--dataset', 'synthetic', '--data_path', str(sysu_preprocessed), '--workers', '0',
+            '--model_path', str(tmp_path)]
+    with pytest.raises(UserError, match='no checkpoint file'):
+        mmgl_test.main(args + ['--resume', 'nothing_here.t'])
+    torch.save({'net': {'classifier.weight': torch.zeros(3, 4)}, 'epoch': 3}, tmp_path / 'agw_best.t')
+    with pytest.raises(UserError, match='not an MMGL pre-training checkpoint'):
+        mmgl_test.main(args + ['--resume', 'agw_best.t'])
+    (tmp_path / 'garbage.t').write_bytes(b'not a checkpoint')
+    with pytest.raises(UserError, match='not a readable PyTorch checkpoint'):
+        mmgl_test.main(args + ['--resume', 'garbage.t'])
+
+
+def test_command_line_errors_are_one_sentence_and_exit_non_zero(tmp_path):
+    script = str(REPO_ROOT / 'train.py')
+    completed = subprocess.run([sys.executable, script, '--dataset', 'regdb', '--data_path', str(tmp_path / 'no'),
+                                '--log_path', str(tmp_path / 'log'), '--vis_log_path', str(tmp_path / 'vis')],
+                               capture_output=True, text=True, cwd=tmp_path)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().startswith('error: RegDB not found')
+    assert 'Traceback' not in completed.stderr
+
+
+def test_pretraining_and_judging_on_regdb(tmp_path, regdb_tree):
+    args = ['--dataset', 'regdb', '--data_path', str(regdb_tree), '--trial', '2',
+            '--img_h', '48', '--img_w', '24', '--workers', '0', '--model_path', str(tmp_path)]
+    history = mmgl_train.main(args + ['--arch', 'resnet18', '--batch-size', '4', '--epochs', '1', '--pcc',
+                                      '--log_path', str(tmp_path), '--vis_log_path', str(tmp_path / 'vis')])
+    assert len(history) == 1
+    name = 'regdb_mmgl_two_resnet18_s6_pcc_lr_0.1_seed_0_trial_2_epoch_1.t'
+    results = mmgl_test.main(args + ['--resume', name])
+    assert 0 <= results['perm_exact'] <= 1 and 0 < results['mAP'] <= 1
