@@ -1,4 +1,4 @@
-"""Datasets, transforms and the unpaired sampler that feed the networks.
+"""Datasets, transforms and the samplers that feed the networks.
 
 Training datasets hold a visible and a thermal (infrared) image set side by side; an item is
 addressed by a pair (visible_index, thermal_index) that a sampler chooses, and comes back as
@@ -149,3 +149,46 @@ class UnpairedSampler(Sampler):
 
     def __len__(self):
         return self.num_samples
+
+
+class IdentitySampler(Sampler):
+    """Identity-balanced (visible_index, thermal_index) pairs for fine-tuning with identity labels.
+
+    Each batch of batch_size * num_pos pairs holds batch_size distinct identities (present in both
+    modalities), drawn without replacement; each identity contributes num_pos consecutive pairs of
+    one of its visible and one of its thermal images, both drawn with replacement. So a loader with
+    batch_size=batch_size * num_pos gives batches whose visible and thermal halves carry the same
+    labels in the same order. An epoch has int(N / (batch_size * num_pos)) + 1 batches, N the larger
+    of the two image counts, as in the public AGW/DDAG code.
+
+    The indices are drawn when the sampler is built, from numpy's global generator (np.random.choice,
+    the public order of draws), so utils.set_seed or utils.set_rng_state reproduces them: build one
+    sampler per epoch.
+    visible_labels: (Nv,) and thermal_labels: (Nt,) integer labels.
+    """
+
+    def __init__(self, visible_labels, thermal_labels, num_pos, batch_size):
+        visible_labels, thermal_labels = np.asarray(visible_labels), np.asarray(thermal_labels)
+        identities = np.intersect1d(visible_labels, thermal_labels)
+        if num_pos < 1 or batch_size < 1:
+            raise UserError(f'--num_pos ({num_pos}) and --batch-size ({batch_size}) must be at least 1.')
+        if len(identities) < batch_size:
+            raise UserError(f'--batch-size {batch_size} identities per batch, but only {len(identities)} training '
+                            f'identities have both visible and thermal images: lower --batch-size.')
+        visible_positions = {label: np.flatnonzero(visible_labels == label) for label in identities}
+        thermal_positions = {label: np.flatnonzero(thermal_labels == label) for label in identities}
+        self.num_pos, self.batch_size = num_pos, batch_size
+        self.num_batches = int(max(len(visible_labels), len(thermal_labels)) / (batch_size * num_pos)) + 1
+        visible, thermal = [], []
+        for _ in range(self.num_batches):
+            for label in np.random.choice(identities, batch_size, replace=False):
+                visible.append(np.random.choice(visible_positions[label], num_pos))
+                thermal.append(np.random.choice(thermal_positions[label], num_pos))
+        self.visible_indices = np.concatenate(visible)
+        self.thermal_indices = np.concatenate(thermal)
+
+    def __iter__(self):
+        return iter(zip(self.visible_indices.tolist(), self.thermal_indices.tolist()))
+
+    def __len__(self):
+        return len(self.visible_indices)

@@ -8,6 +8,7 @@ The public modules wrap a whole torchvision ResNet each and use only these parts
 parts in use are kept here, under the same names and with the same shapes.
 """
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,13 @@ import torchvision
 
 ARCHS = ('resnet18', 'resnet50')
 BACKBONE_PREFIXES = ('visible_module.', 'thermal_module.', 'base_resnet.')
+
+
+class BackboneReport(NamedTuple):
+    """What TwoStreamBackbone.load_backbone did, as sorted lists of state-dict keys."""
+    loaded: list    # copied into the network
+    missing: list   # backbone tensors of the network the checkpoint lacks: left as initialised
+    ignored: list   # backbone-named tensors of the checkpoint the network does not have
 
 
 def make_resnet(arch):
@@ -102,26 +110,42 @@ class TwoStreamBackbone(nn.Module):
 
     def load_backbone(self, state_dict):
         """Copy the backbone tensors (visible_module.*, thermal_module.*, base_resnet.*) of another
-        network's state dict, an MMGL, AGW or DDAG one, into this network; other keys are heads
-        and are ignored, and this network's heads keep their initialisation.
-        Raises ValueError unless every backbone key of this network comes with its shape and no other.
+        network's state dict, an MMGL, AGW or DDAG one, into this network; keys outside the backbone
+        are heads and are not looked at, and this network's heads keep their initialisation.
+
+        Every backbone tensor whose key this network has is copied. Backbone-named keys this network
+        lacks are ignored: the public AGW-style networks wrap a whole ResNet in each module, so their
+        checkpoints also hold e.g. visible_module.visible.layer1.*, visible_module.visible.fc.* and
+        base_resnet.base.conv1.*, which no forward pass reads.
+        Returns a BackboneReport (loaded, missing, ignored: sorted key lists); `missing` are backbone
+        tensors of this network the checkpoint does not hold (they keep their initialisation).
+        Raises ValueError when a key is found with another shape (another arch) or when nothing of
+        this backbone is filled, and when a one-stream network is given two different stems.
         """
-        given = {key: value for key, value in state_dict.items() if key.startswith(BACKBONE_PREFIXES)}
+        given = {key: value for key, value in state_dict.items()
+                 if key.startswith(BACKBONE_PREFIXES) and torch.is_tensor(value)}
         expected = {key: value.shape for key, value in self.state_dict().items() if key.startswith(BACKBONE_PREFIXES)}
-        problems = (('lacks', sorted(set(expected) - set(given))),
-                    ('has unknown', sorted(set(given) - set(expected))),
-                    ('has other shapes for', sorted(key for key in set(given) & set(expected)
-                                                    if given[key].shape != expected[key])))
-        for problem, keys in problems:
-            if keys:
-                raise ValueError(f'the checkpoint {problem} {len(keys)} backbone tensors of a {self.arch} '
-                                 f'network, e.g. {", ".join(keys[:3])}')
+        common = sorted(set(given) & set(expected))
+        reshaped = [key for key in common if tuple(given[key].shape) != tuple(expected[key])]
+        if reshaped:
+            key = reshaped[0]
+            raise ValueError(f'the checkpoint has other shapes for {len(reshaped)} backbone tensors of a {self.arch} '
+                             f'network, e.g. {key}: {tuple(given[key].shape)} instead of {tuple(expected[key])} '
+                             f'(was it trained with another arch?)')
+        if not common:
+            found = ', '.join(list(state_dict)[:3]) or 'nothing'
+            raise ValueError(f'the checkpoint fills none of the {len(expected)} backbone tensors of a {self.arch} '
+                             f'network (keys such as {next(iter(expected))}); it holds {found}, ...')
         # One shared stem cannot hold two different ones: loading would silently keep the thermal one.
-        if self.stream == 'one' and not all(
-                torch.equal(value, given['thermal_module.thermal' + key[len('visible_module.visible'):]])
-                for key, value in given.items() if key.startswith('visible_module.')):
-            raise ValueError('the checkpoint has separate visible and thermal stems: load it into a two-stream network')
-        self.load_state_dict(given, strict=False)
+        if self.stream == 'one':
+            for key in common:
+                twin = 'thermal_module.thermal' + key[len('visible_module.visible'):]
+                if key.startswith('visible_module.visible.') and twin in given and not torch.equal(given[key], given[twin]):
+                    raise ValueError('the checkpoint has separate visible and thermal stems: '
+                                     'load it into a two-stream network')
+        self.load_state_dict({key: given[key] for key in common}, strict=False)
+        return BackboneReport(loaded=common, missing=sorted(set(expected) - set(given)),
+                              ignored=sorted(set(given) - set(expected)))
 
 
 def sinkhorn(logits, num_iter=20, tau=1.0):
@@ -197,3 +221,12 @@ def backbone_state_dict(state_dict):
     """The backbone tensors of a state dict: what the AGW/DDAG fine-tuning scripts load."""
     heads = ('fc1.', 'fc2.', 'local_conv_list')
     return {key: value for key, value in state_dict.items() if not key.startswith(heads)}
+
+
+def checkpoint_arch(state_dict):
+    """'resnet50' or 'resnet18': the backbone of a state dict with base_resnet.* keys (None without them).
+    Only ResNet-50's bottleneck blocks have a conv3."""
+    keys = [key for key in state_dict if key.startswith('base_resnet.base.layer')]
+    if not keys:
+        return None
+    return 'resnet50' if any('.conv3.' in key for key in keys) else 'resnet18'

@@ -197,7 +197,8 @@ def test_mmgl_backbone_fills_every_backbone_tensor(stream):
 
     model = embed_net(10, stream=stream)
     heads_before = {key: value.clone() for key, value in model.state_dict().items() if key.startswith(heads)}
-    model.load_backbone(pretrained)
+    report = model.load_backbone(pretrained)
+    assert set(report.loaded) == public_agw_backbone_keys() and not report.missing and not report.ignored
     state = model.state_dict()
     for key in public_agw_backbone_keys():
         assert torch.equal(state[key], pretrained[key]), key
@@ -205,14 +206,55 @@ def test_mmgl_backbone_fills_every_backbone_tensor(stream):
         assert torch.equal(state[key], value), key
 
 
-def test_load_backbone_refuses_a_mismatched_checkpoint():
+def whole_resnet_keys(state, arch='resnet18'):
+    """What the public AGW-style networks add to a checkpoint: each of their modules wraps a whole
+    torchvision ResNet, so the stems also carry layer1..4 and fc, and base_resnet.base a stem and fc."""
+    import torchvision
+    resnet = torchvision.models.__dict__[arch]().state_dict()
+    extra = {}
+    for prefix, unused in (('visible_module.visible.', ('layer', 'fc.')), ('thermal_module.thermal.', ('layer', 'fc.')),
+                           ('base_resnet.base.', ('conv1.', 'bn1.', 'fc.'))):
+        extra.update({prefix + key: value for key, value in resnet.items() if key.startswith(unused)})
+    assert not set(extra) & set(state)
+    return {**state, **extra}, sorted(extra)
+
+
+def test_load_backbone_reports_loaded_missing_and_ignored_tensors():
     model = embed_net(10, arch='resnet18', no_local='off', gm_pool='off')
+    expected = sorted(key for key in model.state_dict() if key.startswith(('visible_module.', 'thermal_module.',
+                                                                            'base_resnet.')))
     pretrained = MMGLNet('resnet18').state_dict()
+    report = model.load_backbone(pretrained)
+    assert report.loaded == expected and report.missing == [] and report.ignored == []
+
+    # a checkpoint lacking a tensor: the rest loads, the gap is reported and keeps its initialisation
+    before = model.state_dict()['base_resnet.base.layer2.0.conv1.weight'].clone()
     del pretrained['base_resnet.base.layer2.0.conv1.weight']
-    with pytest.raises(ValueError, match='lacks 1 backbone'):
-        model.load_backbone(pretrained)
-    with pytest.raises(ValueError, match='unknown'):
+    report = embed_net(10, arch='resnet18', no_local='off', gm_pool='off').load_backbone(pretrained)
+    assert report.missing == ['base_resnet.base.layer2.0.conv1.weight']
+    assert len(report.loaded) == len(expected) - 1
+    model.load_backbone(pretrained)
+    assert torch.equal(model.state_dict()['base_resnet.base.layer2.0.conv1.weight'], before)
+
+    # the public whole-ResNet leftovers are counted as ignored, and the backbone still loads
+    public, leftovers = whole_resnet_keys(MMGLNet('resnet18').state_dict())
+    for value in public.values():
+        if value.is_floating_point():
+            value.uniform_()
+    report = model.load_backbone(public)
+    assert report.loaded == expected and report.missing == [] and report.ignored == leftovers
+    state = model.state_dict()
+    assert all(torch.equal(state[key], public[key]) for key in expected)
+
+
+def test_load_backbone_refuses_other_shapes_and_foreign_state_dicts():
+    model = embed_net(10, arch='resnet18', no_local='off', gm_pool='off')
+    with pytest.raises(ValueError, match='other shapes'):
         model.load_backbone(MMGLNet('resnet50').state_dict())
+    with pytest.raises(ValueError, match='fills none'):
+        model.load_backbone({'encoder.weight': torch.zeros(3, 3), 'classifier.weight': torch.zeros(10, 512)})
+    with pytest.raises(ValueError, match='fills none'):
+        model.load_backbone({})
     # a one-stem network takes a one-stem checkpoint, not two different stems
     one_stream = embed_net(10, arch='resnet18', stream='one')
     one_stream.load_backbone(MMGLNet('resnet18', 'one').state_dict())

@@ -268,7 +268,8 @@ def test_mmgl_backbone_fills_every_backbone_tensor(stream):
 
     model = embed_net(32, 10, wpa=True, stream=stream)
     heads_before = {key: value.clone() for key, value in model.state_dict().items() if key.startswith(heads)}
-    model.load_backbone(pretrained)
+    report = model.load_backbone(pretrained)
+    assert set(report.loaded) == public_agw_backbone_keys() and not report.missing and not report.ignored
     state = model.state_dict()
     for key in public_agw_backbone_keys():
         assert torch.equal(state[key], pretrained[key]), key

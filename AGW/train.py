@@ -1,0 +1,97 @@
+"""AGW fine-tuning (Ye et al., TPAMI 2021) of a backbone pre-trained by MMGL, or of a random one.
+
+    cd AGW
+    python train.py --dataset sysu --mode all --lr 0.1 --method agw --gpu 0 --resume NAME
+    python train.py --dataset regdb --trial 1 --lr 0.1 --method agw --gpu 0 --resume NAME
+
+--resume NAME: the pre-trained checkpoint, a path or a file name in --model_path (default save_model/,
+relative to where the script runs): a state dict of MMGL pre-training (the top-level train.py or the
+public release), a training-state file of train.py, or an AGW/DDAG checkpoint; only its backbone is
+used. A missing or unusable file stops the run; without --resume the network starts from random weights.
+--resume_state <run>_state.t continues an interrupted fine-tuning run.
+
+Loss: cross-entropy on the BNNeck logits + a triplet loss on the pooled features (--method agw: the
+weighted regularised triplet; base: batch-hard with --margin, and no non-local blocks nor GeM).
+Batches: --batch-size identities x --num_pos images in each modality. The run is named like the
+public code, <dataset>_<method>_p<num_pos>_n<batch-size>_lr_<lr>_seed_<seed> (+ _<optim> unless sgd,
+_stream_one for --stream one, _trial_<K> on RegDB), e.g. sysu_agw_p4_n8_lr_0.1_seed_0; it writes
+<run>_best.t (best Rank-1 of the BNNeck feature), <run>_epoch_<N>.t and <run>_state.t into
+--model_path, <run>.log into --log_path and tensorboardX scalars into --vis_log_path/<run>.
+"""
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch.nn as nn  # noqa: E402
+
+import finetune  # noqa: E402
+import utils  # noqa: E402
+from AGW.agw_model import embed_net  # noqa: E402
+from loss import OriTripletLoss, TripletLoss_WRT  # noqa: E402
+
+# The two eval-mode outputs of embed_net, in order: pooled feature, BNNeck feature.
+FEATURES = ('pool', 'fc')
+# Flags a --resume_state run must share with the run that wrote the state.
+SHAPE_FLAGS = ('dataset', 'trial', 'arch', 'stream', 'method')
+
+
+def get_args_parser():
+    parser = finetune.train_args_parser('AGW fine-tuning for visible-infrared re-identification')
+    parser.add_argument('--method', default='agw', choices=['agw', 'base'],
+                        help='agw: non-local blocks, GeM pooling, weighted regularised triplet; '
+                             'base: average pooling, batch-hard triplet with --margin')
+    return parser
+
+
+def agw_run_name(args, trial=None):
+    return finetune.run_name(
+        args, f'{args.method}_p{args.num_pos}_n{args.batch_size}_lr_{args.lr}_seed_{args.seed}', trial)
+
+
+def build_net(class_num, method, arch, stream='two'):
+    switch = 'on' if method == 'agw' else 'off'
+    return embed_net(class_num, no_local=switch, gm_pool=switch, arch=arch, stream=stream)
+
+
+def make_step(net, method, margin):
+    """The AGW training step: identity cross-entropy + triplet loss, for finetune.train_one_epoch."""
+    criterion_id = nn.CrossEntropyLoss()
+    criterion_tri = TripletLoss_WRT() if method == 'agw' else OriTripletLoss(margin)
+
+    def step(visible, thermal, labels):
+        feat, logits = net(visible, thermal)
+        loss_id = criterion_id(logits, labels)
+        loss_tri, _ = criterion_tri(feat, labels)
+        accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
+        return loss_id + loss_tri, {'id_loss': loss_id.item(), 'tri_loss': loss_tri.item(), 'accuracy': accuracy}
+    return step
+
+
+def main(argv=None):
+    """Fine-tune; returns finetune.fit's per-epoch statistics of this invocation."""
+    args = get_args_parser().parse_args(argv)
+    name = agw_run_name(args)
+    run = finetune.start_run(args, name, f'AGW fine-tuning ({args.method})')
+    trainset = finetune.training_set(run)
+    class_num = finetune.class_count(trainset)
+
+    net = build_net(class_num, args.method, args.arch, args.stream).to(run.device)
+    if run.state_file:
+        run.logger.info(f'==> the weights come from {run.state_file} (--resume_state)')
+    elif run.resume_file:
+        finetune.load_pretrained(net, run.resume_file, run.logger.info)
+    else:
+        run.logger.info('==> no --resume: the network starts from random initialisation')
+    run.logger.info(f'{args.arch} {args.stream}-stream {args.method} network, {class_num} training identities')
+
+    optimizer = utils.sgd(net.optimizer_groups(args.lr), args.lr, args.optim)
+    step = make_step(net, args.method, args.margin)
+    evaluator = finetune.Evaluator.from_args(args, run.data_path, run.device, FEATURES)
+    return finetune.fit(run, net, optimizer, trainset, step, evaluator, select='fc', shape_flags=SHAPE_FLAGS)
+
+
+if __name__ == '__main__':
+    utils.run_main(main)
