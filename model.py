@@ -148,6 +148,18 @@ class TwoStreamBackbone(nn.Module):
                               ignored=sorted(set(given) - set(expected)))
 
 
+def bnneck_and_classifier(dim, class_num):
+    """The BNNeck (a BatchNorm1d that scales but does not shift) and the bias-free identity
+    classifier of AGW and DDAG, initialised as in the public code."""
+    bottleneck = nn.BatchNorm1d(dim)
+    bottleneck.bias.requires_grad_(False)
+    nn.init.normal_(bottleneck.weight, 1.0, 0.01)
+    nn.init.zeros_(bottleneck.bias)
+    classifier = nn.Linear(dim, class_num, bias=False)
+    nn.init.normal_(classifier.weight, 0.0, 0.001)
+    return bottleneck, classifier
+
+
 def sinkhorn(logits, num_iter=20, tau=1.0):
     """Doubly-stochastic matrices from scores, by alternate row and column normalisation in log space.
     logits: (B, S, S) -> (B, S, S), rows and columns each summing to 1."""

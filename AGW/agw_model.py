@@ -14,7 +14,7 @@ so public AGW checkpoints load here and these load in the public code.
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import TwoStreamBackbone
+from model import TwoStreamBackbone, bnneck_and_classifier
 
 # Non-local blocks per stage with no_local='on', placed after the last that many blocks of the
 # stage: for ResNet-50 (3, 4, 6, 3 blocks) after blocks 2, 3 of layer2 and 3, 4, 5 of layer3.
@@ -77,12 +77,7 @@ class embed_net(TwoStreamBackbone):
             nn.ModuleList(NonLocal(width) for _ in range(min(count, len(stage))))
             for width, count, stage in zip(channels, counts, self.base_resnet.base))
 
-        self.bottleneck = nn.BatchNorm1d(self.pool_dim)
-        self.bottleneck.bias.requires_grad_(False)  # BNNeck scales but does not shift
-        nn.init.normal_(self.bottleneck.weight, 1.0, 0.01)
-        nn.init.zeros_(self.bottleneck.bias)
-        self.classifier = nn.Linear(self.pool_dim, class_num, bias=False)
-        nn.init.normal_(self.classifier.weight, 0.0, 0.001)
+        self.bottleneck, self.classifier = bnneck_and_classifier(self.pool_dim, class_num)
 
     def stages_with_non_local(self):
         """(stage, its non-local blocks) for layer1..layer4; block j of k follows stage block len(stage) - k + j."""

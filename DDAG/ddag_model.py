@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import TwoStreamBackbone
+from model import TwoStreamBackbone, bnneck_and_classifier
 
 
 def identity_adjacency(labels):
@@ -115,12 +115,7 @@ class embed_net(TwoStreamBackbone):
                  wpa=False, stream='two'):
         super().__init__(arch, stream)
         self.dropout = drop
-        self.bottleneck = nn.BatchNorm1d(self.pool_dim)
-        self.bottleneck.bias.requires_grad_(False)  # BNNeck scales but does not shift
-        nn.init.normal_(self.bottleneck.weight, 1.0, 0.01)
-        nn.init.zeros_(self.bottleneck.bias)
-        self.classifier = nn.Linear(self.pool_dim, class_num, bias=False)
-        nn.init.normal_(self.classifier.weight, 0.0, 0.001)
+        self.bottleneck, self.classifier = bnneck_and_classifier(self.pool_dim, class_num)
         self.wpa = WeightedPartAttention(self.pool_dim, part) if wpa else None
 
         self.nheads = nheads
