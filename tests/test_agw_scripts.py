@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 import AGW.test as agw_test
 import AGW.train as agw_train
 import finetune
-import synthetic
 import utils
 from AGW.agw_model import embed_net
 import data_loader
@@ -21,7 +20,6 @@ from data_loader import CrossModalityData, IdentitySampler
 from data_manager import process_gallery_sysu, process_query_sysu, read_split_ids
 from eval_metrics import average_results, eval_sysu
 from model import BACKBONE_PREFIXES, MMGLNet
-from pre_process_sysu import preprocess_sysu
 from utils import REPO_ROOT, UserError
 
 SIZE = ('--img_h', '48', '--img_w', '24')
@@ -35,20 +33,6 @@ def train_args(tmp_path, data_path, *extra, dataset='synthetic'):
 
 def eval_args(data_path, *extra, dataset='synthetic'):
     return ['--dataset', dataset, '--data_path', str(data_path), *SIZE, '--workers', '0', *extra]
-
-
-@pytest.fixture(scope='module')
-def seen_ids_tree(tmp_path_factory):
-    """A small SYSU-MM01 look-alike whose test identities are its 12 training identities: a network
-    trained from scratch for seconds on a CPU cannot generalise to unseen people, but must learn to
-    match the infrared and visible images of the people it was trained on."""
-    root = synthetic.make_synthetic_sysu(tmp_path_factory.mktemp('seen') / 'SYSU-MM01', seed=1, num_train_ids=12,
-                                         num_val_ids=1, num_test_ids=1, images_per_camera=4,
-                                         gallery_images_per_camera=4, size=(48, 96))
-    train_ids = read_split_ids(root, 'train')
-    (root / 'exp' / 'test_id.txt').write_text(','.join(str(pid) for pid in train_ids) + '\n')
-    preprocess_sysu(root, progress=False)
-    return root
 
 
 @pytest.fixture(scope='module')
@@ -265,9 +249,9 @@ def test_test_script_reports_what_eval_metrics_gives_on_the_same_features(finetu
     assert results['pool']['mAP'] != results['fc']['mAP']  # two different features, not one twice
 
 
-def test_test_script_refuses_missing_foreign_and_mismatched_checkpoints(tmp_path, finetuned, sysu_tree):
+def test_test_script_refuses_missing_foreign_and_mismatched_checkpoints(tmp_path, finetuned, sysu_preprocessed):
     folder, name, _ = finetuned
-    args = eval_args(sysu_tree, '--model_path', str(folder / 'save_model'))
+    args = eval_args(sysu_preprocessed, '--model_path', str(folder / 'save_model'))
     with pytest.raises(UserError, match='no checkpoint file'):
         agw_test.main(args + ['--resume', 'nothing_here.t'])
     with pytest.raises(UserError, match='no checkpoint file'):
