@@ -13,7 +13,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import synthetic  # noqa: E402
-from data_manager import prepare_dataset  # noqa: E402
+from data_manager import prepare_dataset, read_split_ids  # noqa: E402
 from pre_process_sysu import preprocess_sysu  # noqa: E402
 
 # Small enough to generate in about a second; twelve gallery images per folder so that multi-shot
@@ -49,3 +49,17 @@ def synthetic_demo(tmp_path_factory):
     """The default synthetic SYSU-MM01 look-alike (40 training identities, 12 test identities), generated
     and pre-processed as --dataset synthetic does."""
     return prepare_dataset('synthetic', tmp_path_factory.mktemp('data') / 'synthetic')
+
+
+@pytest.fixture(scope='session')
+def seen_ids_tree(tmp_path_factory):
+    """A small SYSU-MM01 look-alike whose test identities are its 12 training identities: a network
+    trained from scratch for seconds on a CPU cannot generalise to unseen people, but must learn to
+    match the infrared and visible images of the people it was trained on."""
+    root = synthetic.make_synthetic_sysu(tmp_path_factory.mktemp('seen') / 'SYSU-MM01', seed=1, num_train_ids=12,
+                                         num_val_ids=1, num_test_ids=1, images_per_camera=4,
+                                         gallery_images_per_camera=4, size=(48, 96))
+    train_ids = read_split_ids(root, 'train')
+    (root / 'exp' / 'test_id.txt').write_text(','.join(str(pid) for pid in train_ids) + '\n')
+    preprocess_sysu(root, progress=False)
+    return root
