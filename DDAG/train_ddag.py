@@ -1,0 +1,172 @@
+"""DDAG fine-tuning (Ye et al., ECCV 2020) of a backbone pre-trained by MMGL, or of a random one.
+
+    cd DDAG
+    python train_ddag.py --dataset sysu --lr 0.1 --wpa --graph --gpu 0 --resume NAME
+    python train_ddag.py --dataset regdb --trial 1 --lr 0.1 --wpa --graph --gpu 0 --resume NAME
+
+--resume NAME: the pre-trained checkpoint, a path or a file name in --model_path (default save_model/,
+relative to where the script runs): a state dict of MMGL pre-training (the top-level train.py or the
+public release), a training-state file of train.py, or an AGW/DDAG checkpoint; only its backbone is
+used. A missing or unusable file stops the run; without --resume the network starts from random weights.
+--resume_state <run>_state.t continues an interrupted fine-tuning run, graph-loss weight included.
+
+Loss per batch, as the public train_ddag.py (Eq. 11 of the paper):
+    L = CE(BNNeck logits) + batch-hard triplet(pooled features, --margin)
+        [+ CE(part-attention logits), with --wpa]                 (the instance loss, Eq. 10)
+        [+ --lambda0 * wG * NLL(graph attention over the batch graph), with --graph]
+The batch graph links the images of one identity across both modalities (DDAG.ddag_model.identity_adjacency).
+wG is 0 during the first epoch; after each epoch it becomes 1 / (1 + the epoch's mean instance loss),
+as in the public code (which leaves the graph loss out of that mean).
+--graph: train the graph attention branch with that loss. Without it the graph loss is neither
+computed nor optimised (the public script only adds '_G' to the run name; it always adds the loss).
+--lambda0: a constant factor on wG (default 1: the public behaviour; the public script parses
+--lambda0 but never uses it).
+--wpa: add the intra-modality weighted-part attention (IWPA) branch, --part stripes, and its loss.
+
+Batches: --batch-size identities x --num_pos images in each modality (public: 8 x 4). SGD as AGW:
+the backbone at 0.1 x --lr, the BNNeck, classifier and attention modules at --lr; linear warm-up over
+10 epochs, x0.1 from epoch 30, x0.01 from epoch 50. Evaluation every 2 epochs (SYSU-MM01: gallery
+draw 0 of --mode; RegDB: split --trial) of both features: FC (the BNNeck feature) and ATT (the IWPA
+feature; without --wpa the BNNeck feature again). As the public code, <run>_best.t keeps the best
+Rank-1 of ATT.
+
+The run is named like the public code, <dataset>[_G][_P_<part>]_drop_<drop>_<num_pos>_<batch-size>_lr_<lr>_seed_<seed>
+(+ _<optim> unless sgd, _stream_one for --stream one, _trial_<K> on RegDB), e.g.
+sysu_G_P_3_drop_0.2_4_8_lr_0.1_seed_0; it writes <run>_best.t, <run>_epoch_<N>.t (the public
+{'net', 'cmc', 'mAP', 'mINP', 'epoch'}) and <run>_state.t into --model_path, <run>.log into --log_path
+and tensorboardX scalars (the losses, graph_loss and wG included) into --vis_log_path/<run>.
+"""
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import finetune  # noqa: E402
+import utils  # noqa: E402
+from DDAG.ddag_model import embed_net, identity_adjacency  # noqa: E402
+from loss import OriTripletLoss  # noqa: E402
+
+# The two eval-mode outputs of embed_net, in order: BNNeck feature, part-attention feature.
+FEATURES = ('fc', 'att')
+# The feature whose Rank-1 selects <run>_best.t (the public code keeps the best attention feature).
+SELECT = 'att'
+# Flags a --resume_state run must share with the run that wrote the state.
+SHAPE_FLAGS = ('dataset', 'trial', 'arch', 'stream', 'wpa', 'part', 'graph', 'low_dim', 'nheads')
+# The learning rate drops x0.1 at each of these epochs, after a 10-epoch warm-up.
+MILESTONES = (30, 50)
+
+
+def add_network_flags(parser):
+    """The flags that shape the DDAG network (shared with test_ddag.py) and name the run."""
+    parser.add_argument('--wpa', action='store_true', help='add the weighted part attention (IWPA) branch and its loss')
+    parser.add_argument('--graph', action='store_true',
+                        help='train the cross-modality graph attention with the graph loss (weight wG)')
+    parser.add_argument('--part', default=3, type=int, help='horizontal stripes of the part attention')
+    parser.add_argument('--low-dim', default=512, type=int, dest='low_dim', help='width of each graph attention head')
+    parser.add_argument('--nheads', default=4, type=int, help='graph attention heads')
+    parser.add_argument('--drop', default=0.2, type=float, help='dropout of the graph attention')
+    return parser
+
+
+def get_args_parser():
+    parser = finetune.train_args_parser('DDAG fine-tuning for visible-infrared re-identification',
+                                        vis_log_path='log/vis_log_ddag/')
+    add_network_flags(parser)
+    parser.add_argument('--alpha', default=0.2, type=float, help='LeakyReLU slope of the graph attention')
+    parser.add_argument('--lambda0', default=1.0, type=float,
+                        help='constant factor on the adaptive graph-loss weight wG (1: the public behaviour)')
+    return parser
+
+
+def ddag_run_name(args, trial=None):
+    middle = ''
+    if args.graph:
+        middle += 'G_'
+    if args.wpa:
+        middle += f'P_{args.part}_'
+    middle += f'drop_{args.drop}_{args.num_pos}_{args.batch_size}_lr_{args.lr}_seed_{args.seed}'
+    return finetune.run_name(args, middle, trial)
+
+
+def build_net(class_num, args, arch, stream='two'):
+    for flag, option in (('part', '--part'), ('low_dim', '--low-dim'), ('nheads', '--nheads')):
+        if getattr(args, flag) < 1:
+            raise utils.UserError(f'{option} must be at least 1, got {getattr(args, flag)}.')
+    return embed_net(args.low_dim, class_num, drop=args.drop, part=args.part, alpha=getattr(args, 'alpha', 0.2),
+                     nheads=args.nheads, arch=arch, wpa=args.wpa, stream=stream)
+
+
+def graph_weight(instance_loss):
+    """The public adaptive weight of the graph loss after an epoch: 1 / (1 + mean instance loss)."""
+    return 1.0 / (1.0 + instance_loss)
+
+
+def make_step(net, args, weights):
+    """The DDAG training step for finetune.train_one_epoch. weights['wG'] is read at every step (the
+    caller updates it between epochs); args.lambda0 multiplies it."""
+    criterion_id = nn.CrossEntropyLoss()
+    criterion_tri = OriTripletLoss(args.margin)
+
+    def step(visible, thermal, labels):
+        adjacency = identity_adjacency(labels) if args.graph else None
+        pooled, logits, attention_logits, graph_log_probs = net(visible, thermal, adjacency=adjacency)
+        loss_id = criterion_id(logits, labels)
+        loss_tri, _ = criterion_tri(pooled, labels)
+        instance = loss_id + loss_tri
+        values = {'id_loss': loss_id.item(), 'tri_loss': loss_tri.item()}
+        if attention_logits is not None:
+            loss_part = criterion_id(attention_logits, labels)
+            instance = instance + loss_part
+            values['part_loss'] = loss_part.item()
+        values['instance_loss'] = instance.item()
+        total = instance
+        if graph_log_probs is not None:
+            loss_graph = F.nll_loss(graph_log_probs, labels)
+            weight = args.lambda0 * weights['wG']
+            total = instance + weight * loss_graph
+            values.update(graph_loss=loss_graph.item(), graph_weight=weight)
+        values['accuracy'] = (logits.argmax(dim=1) == labels).float().mean().item()
+        return total, values
+    return step
+
+
+def main(argv=None):
+    """Fine-tune; returns finetune.fit's per-epoch statistics of this invocation, each with 'wG',
+    the graph-loss weight set after that epoch."""
+    args = get_args_parser().parse_args(argv)
+    name = ddag_run_name(args)
+    run = finetune.start_run(args, name, 'DDAG fine-tuning')
+    trainset = finetune.training_set(run)
+    class_num = finetune.class_count(trainset)
+
+    net = build_net(class_num, args, args.arch, args.stream).to(run.device)
+    if run.state_file:
+        run.logger.info(f'==> the weights come from {run.state_file} (--resume_state)')
+    elif run.resume_file:
+        finetune.load_pretrained(net, run.resume_file, run.logger.info)
+    else:
+        run.logger.info('==> no --resume: the network starts from random initialisation')
+    branches = ', '.join(branch for branch, on in (('part attention', args.wpa), ('graph attention', args.graph)) if on)
+    run.logger.info(f'{args.arch} {args.stream}-stream DDAG network ({branches or "no attention branch"}), '
+                    f'{class_num} training identities')
+
+    optimizer = utils.sgd(net.optimizer_groups(args.lr), args.lr, args.optim)
+    weights = {'wG': 0.0}  # restored from --resume_state by fit
+
+    def after_epoch(epoch, stats):
+        weights['wG'] = graph_weight(stats['instance_loss'])
+        stats['wG'] = weights['wG']
+
+    step = make_step(net, args, weights)
+    evaluator = finetune.Evaluator.from_args(args, run.data_path, run.device, FEATURES)
+    return finetune.fit(run, net, optimizer, trainset, step, evaluator, select=SELECT, shape_flags=SHAPE_FLAGS,
+                        milestones=MILESTONES, extra=weights, after_epoch=after_epoch)
+
+
+if __name__ == '__main__':
+    utils.run_main(main)
