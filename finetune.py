@@ -210,6 +210,17 @@ def _strip_data_parallel(state):
     return state
 
 
+def initialise(run, net):
+    """Log where the weights come from and load a pre-trained backbone for --resume:
+    --resume_state (restored later by fit), --resume, or random initialisation."""
+    if run.state_file:
+        run.logger.info(f'==> the weights come from {run.state_file} (--resume_state)')
+    elif run.resume_file:
+        load_pretrained(net, run.resume_file, run.logger.info)
+    else:
+        run.logger.info('==> no --resume: the network starts from random initialisation')
+
+
 def load_pretrained(net, path, log=print):
     """Initialise the backbone of `net` (a TwoStreamBackbone) from the checkpoint at `path`.
 

@@ -79,12 +79,7 @@ def main(argv=None):
     class_num = finetune.class_count(trainset)
 
     net = build_net(class_num, args.method, args.arch, args.stream).to(run.device)
-    if run.state_file:
-        run.logger.info(f'==> the weights come from {run.state_file} (--resume_state)')
-    elif run.resume_file:
-        finetune.load_pretrained(net, run.resume_file, run.logger.info)
-    else:
-        run.logger.info('==> no --resume: the network starts from random initialisation')
+    finetune.initialise(run, net)
     run.logger.info(f'{args.arch} {args.stream}-stream {args.method} network, {class_num} training identities')
 
     optimizer = utils.sgd(net.optimizer_groups(args.lr), args.lr, args.optim)

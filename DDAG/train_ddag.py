@@ -145,12 +145,7 @@ def main(argv=None):
     class_num = finetune.class_count(trainset)
 
     net = build_net(class_num, args, args.arch, args.stream).to(run.device)
-    if run.state_file:
-        run.logger.info(f'==> the weights come from {run.state_file} (--resume_state)')
-    elif run.resume_file:
-        finetune.load_pretrained(net, run.resume_file, run.logger.info)
-    else:
-        run.logger.info('==> no --resume: the network starts from random initialisation')
+    finetune.initialise(run, net)
     branches = ', '.join(branch for branch, on in (('part attention', args.wpa), ('graph attention', args.graph)) if on)
     run.logger.info(f'{args.arch} {args.stream}-stream DDAG network ({branches or "no attention branch"}), '
                     f'{class_num} training identities')
