@@ -17,9 +17,9 @@ import utils
 from AGW.agw_model import embed_net
 import data_loader
 from data_loader import CrossModalityData, IdentitySampler
-from data_manager import process_gallery_sysu, process_query_sysu, read_split_ids
-from eval_metrics import average_results, eval_sysu
+from data_manager import read_split_ids
 from model import BACKBONE_PREFIXES, MMGLNet
+from tests.shared_checks import assert_results_equal_eval_metrics
 from utils import REPO_ROOT, UserError
 
 SIZE = ('--img_h', '48', '--img_w', '24')
@@ -213,14 +213,6 @@ def test_short_finetuning_learns(finetuned, seen_ids_tree):
     assert list((folder / 'log' / 'vis' / name).glob('events.out.tfevents.*'))
 
 
-def direct_features(net, paths, modal):
-    """(pool, fc) features computed by hand, one image at a time, in the order given."""
-    dataset = data_loader.TestData(paths, np.zeros(len(paths)), data_loader.test_transform(48, 24), img_size=(24, 48))
-    with torch.no_grad():
-        outputs = [net(image[None], image[None], modal) for image, _ in dataset]
-    return [torch.cat(column).numpy() for column in zip(*outputs)]
-
-
 def test_test_script_reports_what_eval_metrics_gives_on_the_same_features(finetuned, synthetic_demo):
     folder, name, _ = finetuned
     best = folder / 'save_model' / f'{name}_best.t'
@@ -230,23 +222,7 @@ def test_test_script_reports_what_eval_metrics_gives_on_the_same_features(finetu
     net = embed_net(13, arch='resnet18')
     net.load_state_dict(torch.load(best, weights_only=True)['net'])
     net.eval()
-    query_paths, query_pids, query_cams = process_query_sysu(synthetic_demo, 'all')
-    query = dict(zip(('pool', 'fc'), direct_features(net, query_paths, 2)))
-    expected = {'pool': [], 'fc': []}
-    for trial in range(10):
-        gallery_paths, gallery_pids, gallery_cams = process_gallery_sysu(synthetic_demo, 'all', trial, 'single')
-        gallery = dict(zip(('pool', 'fc'), direct_features(net, gallery_paths, 1)))
-        for feature in expected:
-            distmat = -query[feature] @ gallery[feature].T
-            expected[feature].append(eval_sysu(distmat, query_pids, gallery_pids, query_cams, gallery_cams))
-    for feature in ('pool', 'fc'):
-        assert len(results[feature]['trials']) == 10
-        for (cmc, mAP, mINP), (cmc_ref, mAP_ref, mINP_ref) in zip(results[feature]['trials'], expected[feature]):
-            assert np.array_equal(cmc, cmc_ref) and mAP == mAP_ref and mINP == mINP_ref
-        cmc_ref, mAP_ref, mINP_ref = average_results(expected[feature])
-        assert np.array_equal(results[feature]['cmc'], cmc_ref)
-        assert (results[feature]['mAP'], results[feature]['mINP']) == (mAP_ref, mINP_ref)
-    assert results['pool']['mAP'] != results['fc']['mAP']  # two different features, not one twice
+    assert_results_equal_eval_metrics(results, net, synthetic_demo, ('pool', 'fc'))
 
 
 def test_test_script_refuses_missing_foreign_and_mismatched_checkpoints(tmp_path, finetuned, sysu_preprocessed):

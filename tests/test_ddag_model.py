@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import utils
 from DDAG.ddag_model import GraphAttentionLayer, WeightedPartAttention, embed_net, identity_adjacency
-from model import MMGLNet, backbone_state_dict
+from tests.shared_checks import assert_mmgl_backbone_fills_every_backbone_tensor
 from tests.test_model_loss import BN_KEYS, public_agw_backbone_keys
 
 
@@ -255,23 +255,5 @@ def test_optimizer_groups_scale_only_the_backbone(wpa, stream):
 
 @pytest.mark.parametrize('stream', ['one', 'two'])
 def test_mmgl_backbone_fills_every_backbone_tensor(stream):
-    pretrained = MMGLNet('resnet50', stream).state_dict()
-    for value in pretrained.values():
-        if value.is_floating_point():
-            value.uniform_()  # values no fresh network has
-    heads = ('bottleneck', 'classifier', 'wpa', 'attention_', 'out_att')
-
-    # the public way: a non-strict load whose only missing keys are DDAG's own heads
-    missing, unexpected = embed_net(32, 10, wpa=True, stream=stream).load_state_dict(
-        backbone_state_dict(pretrained), strict=False)
-    assert unexpected == [] and missing and all(key.startswith(heads) for key in missing)
-
-    model = embed_net(32, 10, wpa=True, stream=stream)
-    heads_before = {key: value.clone() for key, value in model.state_dict().items() if key.startswith(heads)}
-    report = model.load_backbone(pretrained)
-    assert set(report.loaded) == public_agw_backbone_keys() and not report.missing and not report.ignored
-    state = model.state_dict()
-    for key in public_agw_backbone_keys():
-        assert torch.equal(state[key], pretrained[key]), key
-    for key, value in heads_before.items():
-        assert torch.equal(state[key], value), key
+    assert_mmgl_backbone_fills_every_backbone_tensor(lambda stream: embed_net(32, 10, wpa=True, stream=stream), stream,
+                                                     heads=('bottleneck', 'classifier', 'wpa', 'attention_', 'out_att'))

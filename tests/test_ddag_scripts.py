@@ -9,13 +9,12 @@ import torch
 
 import DDAG.test_ddag as ddag_test
 import DDAG.train_ddag as ddag_train
-import data_loader
 import finetune
 import utils
 from DDAG.ddag_model import embed_net
-from data_manager import process_gallery_sysu, process_query_sysu, read_split_ids
-from eval_metrics import average_results, eval_sysu
+from data_manager import read_split_ids
 from model import BACKBONE_PREFIXES, MMGLNet
+from tests.shared_checks import assert_results_equal_eval_metrics
 from utils import REPO_ROOT, UserError
 
 SIZE = ('--img_h', '48', '--img_w', '24')
@@ -132,14 +131,6 @@ def test_one_stream_mmgl_checkpoint_and_no_graph_branch(tmp_path, sysu_preproces
     assert history[0]['scores']['fc'][1] == history[0]['scores']['att'][1]  # no IWPA: the BNNeck feature twice
 
 
-def direct_features(net, paths, modal):
-    """(fc, att) features computed by hand, one image at a time, in the order given."""
-    dataset = data_loader.TestData(paths, np.zeros(len(paths)), data_loader.test_transform(48, 24), img_size=(24, 48))
-    with torch.no_grad():
-        outputs = [net(image[None], image[None], modal) for image, _ in dataset]
-    return [torch.cat(column).numpy() for column in zip(*outputs)]
-
-
 def test_test_script_reports_what_eval_metrics_gives_on_the_same_features(finetuned, seen_ids_tree, capsys):
     folder, name, _ = finetuned
     # the default checkpoint: <run>_best.t of the naming flags; one image per batch, as computed by hand below
@@ -153,23 +144,7 @@ def test_test_script_reports_what_eval_metrics_gives_on_the_same_features(finetu
     net = embed_net(32, len(state['classifier.weight']), nheads=2, arch='resnet18', wpa=True)
     net.load_state_dict(state)
     net.eval()
-    query_paths, query_pids, query_cams = process_query_sysu(seen_ids_tree, 'all')
-    query = dict(zip(('fc', 'att'), direct_features(net, query_paths, 2)))
-    expected = {'fc': [], 'att': []}
-    for trial in range(10):
-        gallery_paths, gallery_pids, gallery_cams = process_gallery_sysu(seen_ids_tree, 'all', trial, 'single')
-        gallery = dict(zip(('fc', 'att'), direct_features(net, gallery_paths, 1)))
-        for feature in expected:
-            distmat = -query[feature] @ gallery[feature].T
-            expected[feature].append(eval_sysu(distmat, query_pids, gallery_pids, query_cams, gallery_cams))
-    for feature in ('fc', 'att'):
-        assert len(results[feature]['trials']) == 10
-        for (cmc, mAP, mINP), (cmc_ref, mAP_ref, mINP_ref) in zip(results[feature]['trials'], expected[feature]):
-            assert np.array_equal(cmc, cmc_ref) and mAP == mAP_ref and mINP == mINP_ref
-        cmc_ref, mAP_ref, mINP_ref = average_results(expected[feature])
-        assert np.array_equal(results[feature]['cmc'], cmc_ref)
-        assert (results[feature]['mAP'], results[feature]['mINP']) == (mAP_ref, mINP_ref)
-    assert results['fc']['mAP'] != results['att']['mAP']  # two different features, not one twice
+    assert_results_equal_eval_metrics(results, net, seen_ids_tree, ('fc', 'att'))
 
     # a network of other flags than the checkpoint's is refused
     with pytest.raises(UserError, match='does not fit the network'):
