@@ -32,14 +32,34 @@ def permutation_matrices(permutations):
     return F.one_hot(permutations, permutations.shape[1]).float()
 
 
-def permutation_loss(predicted, permutations):
-    """MSE between predicted doubly-stochastic matrices (B, S, S) and the true permutations (B, S)."""
-    return F.mse_loss(predicted, permutation_matrices(permutations))
+PERM_LOSSES = ('mse', 'mse_sum', 'ce')
+
+
+def permutation_loss(predicted, permutations, kind='mse'):
+    """Error of predicted doubly-stochastic matrices (B, S, S) against the true permutations (B, S).
+
+    'mse': squared error averaged over the B x S x S entries (the paper's MSE);
+    'mse_sum': squared error summed over each image's S x S entries, averaged over images
+    (the same loss S * S times larger);
+    'ce': cross-entropy of each row against its true column, -log P[b, k, permutations[b, k]],
+    averaged over the B x S rows.
+    """
+    if kind == 'mse':
+        return F.mse_loss(predicted, permutation_matrices(permutations))
+    if kind == 'mse_sum':
+        return F.mse_loss(predicted, permutation_matrices(permutations), reduction='sum') / len(predicted)
+    if kind == 'ce':
+        true_entries = predicted.gather(2, permutations.unsqueeze(2))
+        return -true_entries.clamp_min(1e-12).log().mean()
+    raise ValueError(f'kind must be one of {PERM_LOSSES}, got {kind!r}')
 
 
 def decode_permutations(predicted):
-    """Hungarian decoding of (B, S, S) scores into the most likely permutations, (B, S) int64."""
-    scores = predicted.detach().float().cpu().numpy()
+    """Hungarian decoding of doubly-stochastic (B, S, S) matrices into the most likely permutations,
+    (B, S) int64. It maximises the summed log entries: Sinkhorn changes the log scores by a row and a
+    column term only, whose sum is the same for every permutation, so this is the permutation of
+    highest raw score whatever the Sinkhorn temperature."""
+    scores = predicted.detach().float().clamp_min(1e-30).log().cpu().numpy()
     decoded = [linear_sum_assignment(matrix, maximize=True)[1] for matrix in scores]
     return torch.from_numpy(np.stack(decoded)).long()
 
@@ -53,6 +73,19 @@ def permutation_accuracy(predicted, permutations):
 # ----------------------------------------------------------------------------- cycle-contrastive learning
 
 
+PCC_FORMS = ('cycle', 'figure')
+
+
+def soft_neighbours(queries, keys, temperature, exclude=None):
+    """Each query's soft nearest neighbour among the keys, sum_j softmax_j(q . k_j / tau) k_j,
+    L2-normalised. queries (N, D), keys (M, D); exclude: optional (N, M) bool, keys a query may not
+    pick. Returns (N, D)."""
+    logits = queries @ keys.t() / temperature
+    if exclude is not None:
+        logits = logits.masked_fill(exclude, float('-inf'))
+    return F.normalize(torch.softmax(logits, dim=1) @ keys, dim=1)
+
+
 def cycle_contrastive_loss(visible, thermal, temperature=0.07):
     """Cycle-consistency between modalities, from both sides, averaged.
 
@@ -61,12 +94,32 @@ def cycle_contrastive_loss(visible, thermal, temperature=0.07):
     similarities of that neighbour to every embedding of its own modality, target = itself.
     """
     def walk_and_return(source, target):
-        attention = torch.softmax(source @ target.t() / temperature, dim=1)
-        neighbours = F.normalize(attention @ target, dim=1)
+        neighbours = soft_neighbours(source, target, temperature)
         logits = neighbours @ source.t() / temperature
         return F.cross_entropy(logits, torch.arange(len(source), device=source.device))
 
     return 0.5 * (walk_and_return(visible, thermal) + walk_and_return(thermal, visible))
+
+
+def figure_contrastive_loss(visible, thermal, num_parts, temperature=0.07):
+    """PCC as the paper's pipeline figure draws it: a query part q takes its soft nearest neighbour
+    among the parts of the other modality (q_other) and among the parts of the other images of its
+    own modality (q_same); (q_other, q_same) is a positive pair of an InfoNCE over all queries, in
+    both directions. Both modalities serve as queries; the four InfoNCE terms are averaged.
+
+    visible: (B_v * P, D), thermal: (B_t * P, D), L2-normalised, the P parts of each image
+    consecutive (image-major), so that a part's own image is known.
+    """
+    def infonce_of_query_side(queries, other_modality):
+        image = torch.arange(len(queries), device=queries.device) // num_parts
+        same_image = image.unsqueeze(0) == image.unsqueeze(1)
+        across = soft_neighbours(queries, other_modality, temperature)
+        within = soft_neighbours(queries, queries, temperature, exclude=same_image)
+        logits = across @ within.t() / temperature
+        targets = torch.arange(len(queries), device=queries.device)
+        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
+
+    return 0.5 * (infonce_of_query_side(visible, thermal) + infonce_of_query_side(thermal, visible))
 
 
 # ----------------------------------------------------------------------------- identity losses of AGW and DDAG fine-tuning

@@ -170,21 +170,34 @@ def sinkhorn(logits, num_iter=20, tau=1.0):
     return log_alpha.exp()
 
 
+PERM_INPUTS = ('gap', 'parts')
+
+
 class MMGLNet(TwoStreamBackbone):
     """MMGL pre-training network: the backbone, a permutation head and part projections.
 
     One forward pass over stripe-shuffled images gives both what the permutation-recovery loss
     needs (`permutations`, doubly-stochastic (B, S, S)) and what the part-aware cycle-contrastive
     loss needs (`embeddings`, L2-normalised (B, P, 256) with P = S parts with `part`, else 1).
+
+    perm_input: what the permutation head reads. 'gap' (the paper's figure): the global average of
+    the last map, (B, C), which keeps no trace of where a stripe lies but what the zero padding
+    leaves; 'parts': the map average-pooled into S horizontal parts and concatenated in stripe
+    order, (B, S * C), so the head sees which content sits at which height.
+    perm_bn: a BatchNorm1d on the head's input (scales the random-init features for the head).
     """
 
-    def __init__(self, arch='resnet50', stream='two', num_stripe=6, part=True,
-                 embed_dim=256, sinkhorn_iter=20, sinkhorn_tau=1.0):
+    def __init__(self, arch='resnet50', stream='two', num_stripe=6, part=True, embed_dim=256,
+                 sinkhorn_iter=20, sinkhorn_tau=1.0, perm_input='gap', perm_bn=False):
         super().__init__(arch, stream)
-        self.num_stripe, self.part = num_stripe, part
+        if perm_input not in PERM_INPUTS:
+            raise ValueError(f'perm_input must be one of {PERM_INPUTS}, got {perm_input!r}')
+        self.num_stripe, self.part, self.perm_input = num_stripe, part, perm_input
         self.sinkhorn_iter, self.sinkhorn_tau = sinkhorn_iter, sinkhorn_tau
         # Permutation head: names as in the public MMGL checkpoints (dropped before fine-tuning).
-        self.fc1 = nn.Linear(self.pool_dim, 1024)
+        head_input = self.pool_dim * (num_stripe if perm_input == 'parts' else 1)
+        self.perm_bn = nn.BatchNorm1d(head_input) if perm_bn else None
+        self.fc1 = nn.Linear(head_input, 1024)
         self.fc2 = nn.Linear(1024, num_stripe * num_stripe)
         num_parts = num_stripe if part else 1
         self.local_conv_list = nn.ModuleList(
@@ -194,10 +207,15 @@ class MMGLNet(TwoStreamBackbone):
 
     def permutation_head(self, feature_map):
         """(B, C, h, w) -> doubly-stochastic (B, S, S) estimate of each image's stripe permutation."""
-        pooled = feature_map.mean(dim=(2, 3))
-        scores = self.fc2(F.relu(self.fc1(pooled)))
+        if self.perm_input == 'parts':
+            head_input = F.adaptive_avg_pool2d(feature_map, (self.num_stripe, 1)).flatten(1)
+        else:
+            head_input = feature_map.mean(dim=(2, 3))
+        if self.perm_bn is not None:
+            head_input = self.perm_bn(head_input)
+        scores = self.fc2(F.relu(self.fc1(head_input)))
         scores = scores.view(-1, self.num_stripe, self.num_stripe)
-        return sinkhorn(scores, self.sinkhorn_iter, self.sinkhorn_tau)
+        return sinkhorn(scores.float(), self.sinkhorn_iter, self.sinkhorn_tau)
 
     def part_embeddings(self, feature_map):
         """(B, C, h, w) -> L2-normalised (B, P, D): each horizontal part pooled and projected by its own conv."""
@@ -205,19 +223,21 @@ class MMGLNet(TwoStreamBackbone):
         embeddings = [conv(parts[:, :, i:i + 1]).flatten(1) for i, conv in enumerate(self.local_conv_list)]
         return F.normalize(torch.stack(embeddings, dim=1), dim=2)
 
-    def forward(self, x_visible, x_thermal):
+    def forward(self, x_visible, x_thermal, detach_embeddings=False):
         """x_visible: (B_v, 3, H, W), x_thermal: (B_t, 3, H, W), stripe-shuffled.
-        Returns {'permutations': (B_v + B_t, S, S), 'embeddings': (B_v + B_t, P, D)}, visible first."""
+        Returns {'permutations': (B_v + B_t, S, S), 'embeddings': (B_v + B_t, P, D)}, visible first.
+        detach_embeddings: the embeddings' gradient stops at the backbone (trains the projections only)."""
         feature_map = self.feature_map(x_visible, x_thermal)
         return {'permutations': self.permutation_head(feature_map),
-                'embeddings': self.part_embeddings(feature_map)}
+                'embeddings': self.part_embeddings(feature_map.detach() if detach_embeddings else feature_map)}
 
 
 def mmgl_config(state_dict):
-    """The MMGLNet arguments that built `state_dict`: arch, num_stripe, part (ValueError if it is no
-    MMGL pre-training state dict). A one-stream checkpoint holds both stems, so it loads as two."""
+    """The MMGLNet arguments that built `state_dict`: arch, num_stripe, part, perm_input, perm_bn
+    (ValueError if it is no MMGL pre-training state dict). A one-stream checkpoint holds both stems,
+    so it loads as two."""
     required = ('visible_module.visible.conv1.weight', 'thermal_module.thermal.conv1.weight',
-                'base_resnet.base.layer4.0.conv1.weight', 'fc2.weight', 'local_conv_list.0.0.weight')
+                'base_resnet.base.layer4.0.conv1.weight', 'fc1.weight', 'fc2.weight', 'local_conv_list.0.0.weight')
     missing = [key for key in required if key not in state_dict]
     if missing:
         found = ', '.join(list(state_dict)[:3]) or 'nothing'
@@ -226,12 +246,15 @@ def mmgl_config(state_dict):
     num_stripe = round(state_dict['fc2.weight'].shape[0] ** 0.5)
     num_parts = len({key.split('.')[1] for key in state_dict if key.startswith('local_conv_list.')})
     arch = 'resnet50' if 'base_resnet.base.layer1.0.conv3.weight' in state_dict else 'resnet18'
-    return {'arch': arch, 'num_stripe': num_stripe, 'part': num_parts > 1}
+    head_input = state_dict['fc1.weight'].shape[1]
+    return {'arch': arch, 'num_stripe': num_stripe, 'part': num_parts > 1,
+            'perm_input': 'parts' if head_input == feature_dim(arch) * num_stripe else 'gap',
+            'perm_bn': 'perm_bn.weight' in state_dict}
 
 
 def backbone_state_dict(state_dict):
     """The backbone tensors of a state dict: what the AGW/DDAG fine-tuning scripts load."""
-    heads = ('fc1.', 'fc2.', 'local_conv_list')
+    heads = ('fc1.', 'fc2.', 'perm_bn.', 'local_conv_list')
     return {key: value for key, value in state_dict.items() if not key.startswith(heads)}
 
 

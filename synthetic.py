@@ -671,13 +671,15 @@ def make_synthetic_regdb(root, seed=0, num_ids=20, images_per_modality=10, size=
     return build_tree_atomically(root, write_tree, description)
 
 
-def ensure_synthetic_sysu(root):
-    """The default synthetic SYSU-MM01 tree at `root`, generated and pre-processed if not yet done."""
+def ensure_synthetic_sysu(root, **options):
+    """The synthetic SYSU-MM01 tree at `root`, generated (with make_synthetic_sysu's `options`, default
+    the demo set) and pre-processed if not yet done. A tree already there is used as it is: its
+    synthetic_dataset.json says how it was made."""
     root = Path(root)
     if not (root / MARKER_NAME).is_file():
         require_absent_or_empty(root)
         print(f'Generating a synthetic SYSU-MM01 look-alike at {root} (once) ...', flush=True)
-        make_synthetic_sysu(root)
+        make_synthetic_sysu(root, **options)
     if not all((root / name).is_file() for name in TRAIN_ARRAY_NAMES):
         preprocess_sysu(root)
     return root
@@ -711,8 +713,27 @@ def main():
     parser.add_argument('--data_path', default=None,
                         help=f'where to write it (default: {data_path_for("synthetic")})')
     parser.add_argument('--sheet', default=None, help='also save a PNG contact sheet of samples here')
+    parser.add_argument('--num_train_ids', default=32, type=int, help='training identities')
+    parser.add_argument('--num_val_ids', default=8, type=int, help='validation identities (trained on, as in SYSU-MM01)')
+    parser.add_argument('--num_test_ids', default=12, type=int,
+                        help='test identities (chance Rank-1 is 1 / this; e.g. 100 for a set that ranks methods)')
+    parser.add_argument('--seed', default=0, type=int)
     args = parser.parse_args()
-    root = ensure_synthetic_sysu(data_path_for('synthetic', args.data_path))
+    for flag in ('num_train_ids', 'num_test_ids'):
+        if getattr(args, flag) < 1:
+            raise UserError(f'--{flag} must be at least 1, got {getattr(args, flag)}.')
+    if args.num_val_ids < 0:
+        raise UserError(f'--num_val_ids must be 0 or more, got {args.num_val_ids}.')
+    options = dict(seed=args.seed, num_train_ids=args.num_train_ids, num_val_ids=args.num_val_ids,
+                   num_test_ids=args.num_test_ids)
+    root = data_path_for('synthetic', args.data_path)
+    if (root / MARKER_NAME).is_file():
+        made = json.loads((root / MARKER_NAME).read_text())
+        if any(made.get(key) != value for key, value in options.items()):
+            raise UserError(f'{root} already holds a synthetic set made with '
+                            f'{", ".join(f"{key} {made.get(key)}" for key in options)}: choose another --data_path '
+                            f'for one with {", ".join(f"{key} {value}" for key, value in options.items())}.')
+    root = ensure_synthetic_sysu(root, **options)
     if args.sheet:
         save_contact_sheet(root, args.sheet)
         print(f'Contact sheet saved to {args.sheet}.')

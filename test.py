@@ -55,13 +55,13 @@ def load_model(args, device):
     if args.img_h % config['num_stripe']:
         raise utils.UserError(f'--img_h {args.img_h} is not divisible by the {config["num_stripe"]} stripes '
                               f'of {path}.')
-    model = MMGLNet(config['arch'], 'two', config['num_stripe'], config['part'])
+    model = MMGLNet(stream='two', **config)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         raise utils.UserError(f'{path} does not fit an MMGL {config["arch"]} network: {error}')
     print(f'loaded {path}: {config["arch"]}, {config["num_stripe"]} stripes, '
-          f'{"part" if config["part"] else "global"} embeddings')
+          f'{"part" if config["part"] else "global"} embeddings, permutation head on {config["perm_input"]}')
     return model.to(device).eval()
 
 

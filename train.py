@@ -19,8 +19,9 @@ from tqdm import tqdm
 import utils
 from data_loader import RegDBData, SYSUData, UnpairedSampler, train_transform
 from data_manager import prepare_dataset
-from loss import cycle_contrastive_loss, permutation_accuracy, permutation_loss, random_permutations, shuffle_stripes
-from model import ARCHS, MMGLNet
+from loss import (PCC_FORMS, PERM_LOSSES, cycle_contrastive_loss, figure_contrastive_loss, permutation_accuracy,
+                  permutation_loss, random_permutations, shuffle_stripes)
+from model import ARCHS, PERM_INPUTS, MMGLNet
 
 
 def get_args_parser():
@@ -36,13 +37,30 @@ def get_args_parser():
     parser.add_argument('--num_stripe', default=6, type=int, help='horizontal stripes per image')
     parser.add_argument('--sinkhorn_iter', default=20, type=int)
     parser.add_argument('--sinkhorn_tau', default=1.0, type=float)
+    parser.add_argument('--perm_input', default='gap', choices=PERM_INPUTS,
+                        help='input of the permutation head: gap, the global average of the last map (the '
+                             "paper's figure); parts, its S horizontal parts pooled and concatenated in stripe order")
+    parser.add_argument('--perm_bn', action='store_true', help='BatchNorm1d on the input of the permutation head')
+    parser.add_argument('--perm_loss', default='mse', choices=PERM_LOSSES,
+                        help='mse: squared error averaged over the SxS entries (the paper); mse_sum: summed over '
+                             'them; ce: cross-entropy of each row of the Sinkhorn matrix against its true column')
     parser.add_argument('--pcc', action='store_true', help='add the part-aware cycle-contrastive loss')
     parser.add_argument('--part', action='store_true', help='PCC on the S part embeddings of every image')
+    parser.add_argument('--pcc_form', default='cycle', choices=PCC_FORMS,
+                        help="cycle: walk to the other modality and back to oneself; figure: the paper figure's "
+                             'InfoNCE between the soft neighbours in the other modality and in other images')
     parser.add_argument('--cl_weight', default=0.5, type=float, help='weight of the PCC loss')
     parser.add_argument('--cl_temp', default=0.07, type=float, help='PCC temperature')
+    parser.add_argument('--cl_warmup', default=0, type=int,
+                        help='the PCC weight rises linearly from 0 to --cl_weight over this many epochs')
+    parser.add_argument('--pcc_stop_grad', action='store_true',
+                        help="PCC trains its part projections only: its gradient does not reach the backbone")
     parser.add_argument('--lr', default=0.1, type=float)
     parser.add_argument('--optim', default='sgd', choices=['sgd', 'adam'])
     parser.add_argument('--epochs', default=100, type=int)
+    parser.add_argument('--steps_per_epoch', default=0, type=int,
+                        help='steps that make an epoch (0: one pass over the visible images); lets a small set '
+                             "follow the paper's step budget and schedule")
     parser.add_argument('--batch-size', default=32, type=int, dest='batch_size',
                         help='visible images per step (and as many infrared)')
     parser.add_argument('--img_h', default=288, type=int)
@@ -62,6 +80,9 @@ def run_name(args):
     name = f'{args.dataset}_mmgl_{args.stream}_{args.arch}_s{args.num_stripe}'
     name += '_pcc' if args.pcc else ''
     name += '_part' if args.part else ''
+    name += f'_{args.pcc_form}' if args.pcc and args.pcc_form != 'cycle' else ''
+    name += f'_{args.perm_input}' if args.perm_input != 'gap' else ''
+    name += f'_{args.perm_loss}' if args.perm_loss != 'mse' else ''
     name += f'_lr_{args.lr}_seed_{args.seed}'
     return name + (f'_trial_{args.trial}' if args.dataset == 'regdb' else '')
 
@@ -74,6 +95,29 @@ def check_args(args):
         raise utils.UserError('--part selects part embeddings for the PCC loss: add --pcc.')
     if args.num_stripe < 2:
         raise utils.UserError('--num_stripe must be at least 2.')
+    for flag, option in (('steps_per_epoch', '--steps_per_epoch'), ('cl_warmup', '--cl_warmup')):
+        if getattr(args, flag) < 0:
+            raise utils.UserError(f'{option} must be 0 or more, got {getattr(args, flag)}.')
+    if args.pcc and args.pcc_form == 'figure' and args.batch_size < 2:
+        raise utils.UserError('--pcc_form figure looks for neighbours in other images: use --batch-size 2 or more.')
+
+
+def pcc_weight(epoch, args):
+    """The PCC weight of an epoch: --cl_weight, reached linearly over --cl_warmup epochs."""
+    if not args.pcc:
+        return 0.0
+    if epoch < args.cl_warmup:
+        return args.cl_weight * epoch / args.cl_warmup
+    return args.cl_weight
+
+
+def pcc_loss_of(embeddings, num_visible, args):
+    """The PCC loss of the selected form on (B_v + B_t, P, D) embeddings, visible first."""
+    visible = embeddings[:num_visible].flatten(0, 1)
+    thermal = embeddings[num_visible:].flatten(0, 1)
+    if args.pcc_form == 'figure':
+        return figure_contrastive_loss(visible, thermal, embeddings.shape[1], args.cl_temp)
+    return cycle_contrastive_loss(visible, thermal, args.cl_temp)
 
 
 def train_one_epoch(model, loader, optimizer, args, device, epoch, writer):
@@ -81,6 +125,7 @@ def train_one_epoch(model, loader, optimizer, args, device, epoch, writer):
     model.train()
     meters = {name: utils.AverageMeter() for name in ('loss', 'perm_loss', 'pcc_loss', 'perm_exact', 'perm_stripe')}
     images_per_step = 2 * args.batch_size
+    cl_weight = pcc_weight(epoch, args)
     throughput = utils.Throughput(len(loader) * images_per_step)
     progress = tqdm(loader, desc=f'epoch {epoch}', unit='step', leave=False, dynamic_ncols=True, mininterval=1.0)
     for step, (visible, thermal, _, _) in enumerate(progress):
@@ -90,16 +135,13 @@ def train_one_epoch(model, loader, optimizer, args, device, epoch, writer):
         thermal = shuffle_stripes(thermal.to(device, non_blocking=True), permutations)
         permutations = torch.cat((permutations, permutations))
 
-        outputs = model(visible, thermal)
-        perm_loss = permutation_loss(outputs['permutations'], permutations)
+        outputs = model(visible, thermal, detach_embeddings=args.pcc_stop_grad)
+        perm_loss = permutation_loss(outputs['permutations'], permutations, args.perm_loss)
         loss = perm_loss
         pcc_loss = torch.zeros((), device=device)
         if args.pcc:
-            embeddings = outputs['embeddings']
-            visible_embeddings = embeddings[:len(visible)].flatten(0, 1)
-            thermal_embeddings = embeddings[len(visible):].flatten(0, 1)
-            pcc_loss = cycle_contrastive_loss(visible_embeddings, thermal_embeddings, args.cl_temp)
-            loss = loss + args.cl_weight * pcc_loss
+            pcc_loss = pcc_loss_of(outputs['embeddings'], len(visible), args)
+            loss = loss + cl_weight * pcc_loss
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -119,6 +161,7 @@ def train_one_epoch(model, loader, optimizer, args, device, epoch, writer):
         writer.add_scalar('train/perm_exact', exact, global_step)
     stats = {name: meter.avg for name, meter in meters.items()}
     stats['images_per_second'] = throughput.done / max(time.time() - throughput.start, 1e-9)
+    stats['cl_weight'] = cl_weight
     return stats
 
 
@@ -128,7 +171,7 @@ def load_training_state(path, args, model, optimizer):
     if not isinstance(state, dict) or not {'model', 'optimizer', 'epoch', 'rng', 'args'} <= set(state):
         raise utils.UserError(f'{path} is not a training-state file of train.py: --resume continues a run '
                               f'from its <run>_state.t file in --model_path.')
-    shape_flags = ('dataset', 'arch', 'stream', 'num_stripe', 'pcc', 'part')
+    shape_flags = ('dataset', 'arch', 'stream', 'num_stripe', 'pcc', 'part', 'perm_input', 'perm_bn')
     saved = {flag: state['args'].get(flag) for flag in shape_flags}
     if saved != {flag: getattr(args, flag) for flag in shape_flags}:
         given = ' '.join(f'--{flag} {value}' for flag, value in saved.items())
@@ -154,12 +197,13 @@ def main(argv=None):
         trainset = RegDBData(data_path, args.trial, transform)
     else:
         trainset = SYSUData(data_path, transform)
-    sampler = UnpairedSampler(len(trainset.visible_labels), len(trainset.thermal_labels))
+    if args.batch_size > len(trainset.visible_labels):
+        raise utils.UserError(f'--batch-size {args.batch_size} is larger than the {len(trainset.visible_labels)} '
+                              f'visible training images: lower it.')
+    num_samples = args.steps_per_epoch * args.batch_size or None
+    sampler = UnpairedSampler(len(trainset.visible_labels), len(trainset.thermal_labels), num_samples)
     loader = DataLoader(trainset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         drop_last=True, pin_memory=device.type == 'cuda')
-    if len(loader) == 0:
-        raise utils.UserError(f'--batch-size {args.batch_size} is larger than the {len(sampler)} visible '
-                              f'training images: lower it.')
     name = run_name(args)
     logger = utils.make_logger(Path(args.log_path) / f'{name}.log')
     writer = SummaryWriter(str(Path(args.vis_log_path) / name))
@@ -168,8 +212,8 @@ def main(argv=None):
                 f'from {data_path}; {len(loader)} steps of {args.batch_size}+{args.batch_size} images per epoch')
 
     # ---- model, optimizer
-    model = MMGLNet(args.arch, args.stream, args.num_stripe, args.part,
-                    sinkhorn_iter=args.sinkhorn_iter, sinkhorn_tau=args.sinkhorn_tau).to(device)
+    model = MMGLNet(args.arch, args.stream, args.num_stripe, args.part, sinkhorn_iter=args.sinkhorn_iter,
+                    sinkhorn_tau=args.sinkhorn_tau, perm_input=args.perm_input, perm_bn=args.perm_bn).to(device)
     optimizer = utils.sgd(model.parameters(), args.lr, args.optim)
     start_epoch = 0
     if resume_file:
@@ -183,13 +227,15 @@ def main(argv=None):
         utils.set_lr(optimizer, utils.warmup_step_lr(epoch, args.lr, milestones=(20, 50)))
         start = time.time()
         stats = train_one_epoch(model, loader, optimizer, args, device, epoch, writer)
+        stats.update(epoch=epoch, steps=(epoch + 1) * len(loader))
         history.append(stats)
         logger.info(f'epoch {epoch} lr {optimizer.param_groups[0]["lr"]:.4g} loss {stats["loss"]:.4f} '
                     f'(perm {stats["perm_loss"]:.4f}, pcc {stats["pcc_loss"]:.4f}) '
                     f'perm acc exact {stats["perm_exact"]:.4f} per-stripe {stats["perm_stripe"]:.4f} '
                     f'{stats["images_per_second"]:.1f} img/s {utils.format_seconds(time.time() - start)}')
         for key, value in stats.items():
-            writer.add_scalar(f'epoch/{key}', value, epoch)
+            if key != 'epoch':
+                writer.add_scalar(f'epoch/{key}', value, epoch)
         writer.add_scalar('epoch/lr', optimizer.param_groups[0]['lr'], epoch)
 
         done = epoch + 1

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import (cycle_contrastive_loss, decode_permutations, permutation_accuracy, permutation_loss,
-                  permutation_matrices, random_permutations, shuffle_stripes)
-from model import MMGLNet, TwoStreamBackbone, backbone_state_dict, sinkhorn
+from loss import (cycle_contrastive_loss, decode_permutations, figure_contrastive_loss, permutation_accuracy,
+                  permutation_loss, permutation_matrices, random_permutations, shuffle_stripes, soft_neighbours)
+from model import MMGLNet, TwoStreamBackbone, backbone_state_dict, mmgl_config, sinkhorn
 
 BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
 
@@ -147,3 +147,89 @@ def test_pcc_prefers_cycle_consistent_embeddings():
     assert torch.allclose(cycle_contrastive_loss(visible, thermal[order]), cycle_contrastive_loss(visible, thermal))
     # symmetric in the modalities
     assert torch.allclose(cycle_contrastive_loss(thermal, visible), cycle_contrastive_loss(visible, thermal))
+
+
+def test_permutation_loss_kinds():
+    generator = torch.Generator().manual_seed(3)
+    permutations = random_permutations(4, 6, generator=generator)
+    predicted = sinkhorn(torch.randn(4, 6, 6, generator=generator))
+    mean = permutation_loss(predicted, permutations, 'mse')
+    assert torch.allclose(permutation_loss(predicted, permutations, 'mse_sum'), 36 * mean)
+    true_entries = torch.stack([predicted[b, k, permutations[b, k]] for b in range(4) for k in range(6)])
+    assert torch.allclose(permutation_loss(predicted, permutations, 'ce'), -true_entries.log().mean())
+    perfect = permutation_matrices(permutations)
+    for kind in ('mse', 'mse_sum', 'ce'):
+        assert permutation_loss(perfect, permutations, kind).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match='kind'):
+        permutation_loss(predicted, permutations, 'l1')
+
+
+def test_decoding_ignores_the_sinkhorn_temperature():
+    scores = torch.randn(20, 6, 6, generator=torch.Generator().manual_seed(4))
+    decoded = decode_permutations(sinkhorn(scores, num_iter=200, tau=1.0))
+    for tau in (0.1, 3.0):
+        assert torch.equal(decode_permutations(sinkhorn(scores, num_iter=200, tau=tau)), decoded)
+
+
+def test_figure_pcc_prefers_a_consistent_batch():
+    """Four people, each in two visible and two infrared images of three parts: a visible part finds
+    the same part of the same person among the infrared parts and in the person's other visible
+    image, so the two soft neighbours agree. An infrared batch of other people breaks that."""
+    generator = torch.Generator().manual_seed(5)
+    people, parts, dim = 4, 3, 32
+
+    def images_of(centres):
+        return F.normalize(centres.repeat_interleave(2, dim=0) + 0.05 * torch.randn(2 * people, parts, dim,
+                                                                                     generator=generator), dim=2)
+    centres = F.normalize(torch.randn(people, parts, dim, generator=generator), dim=2)
+    visible, thermal = images_of(centres), images_of(centres)
+    others = images_of(F.normalize(torch.randn(people, parts, dim, generator=generator), dim=2))
+    consistent = figure_contrastive_loss(visible.flatten(0, 1), thermal.flatten(0, 1), parts)
+    inconsistent = figure_contrastive_loss(visible.flatten(0, 1), others.flatten(0, 1), parts)
+    assert consistent < inconsistent
+    # symmetric in the modalities, and differentiable
+    assert torch.allclose(figure_contrastive_loss(thermal.flatten(0, 1), visible.flatten(0, 1), parts), consistent)
+    queries = visible.flatten(0, 1).clone().requires_grad_(True)
+    figure_contrastive_loss(queries, thermal.flatten(0, 1), parts).backward()
+    assert torch.isfinite(queries.grad).all() and queries.grad.abs().sum() > 0
+
+
+def test_soft_neighbours_skip_excluded_keys():
+    keys = torch.eye(3)
+    queries = torch.tensor([[1.0, 0.0, 0.0]])
+    nearest = soft_neighbours(queries, keys, temperature=0.01)
+    assert torch.allclose(nearest, keys[:1], atol=1e-4)
+    excluded = soft_neighbours(queries, keys, temperature=0.01, exclude=torch.tensor([[True, False, False]]))
+    assert torch.allclose(excluded.norm(dim=1), torch.ones(1)) and excluded[0, 0].abs() < 1e-4
+
+
+@pytest.mark.parametrize('perm_input, perm_bn', [('gap', False), ('parts', False), ('parts', True)])
+def test_permutation_head_input_and_config_round_trip(perm_input, perm_bn):
+    model = MMGLNet('resnet18', 'two', num_stripe=4, part=False, perm_input=perm_input, perm_bn=perm_bn)
+    assert model.fc1.in_features == 512 * (4 if perm_input == 'parts' else 1)
+    assert (model.perm_bn is not None) == perm_bn
+    assert mmgl_config(model.state_dict()) == {'arch': 'resnet18', 'num_stripe': 4, 'part': False,
+                                               'perm_input': perm_input, 'perm_bn': perm_bn}
+    assert not any(key.startswith(('fc1.', 'perm_bn.')) for key in backbone_state_dict(model.state_dict()))
+    outputs = model(torch.randn(2, 3, 64, 32), torch.randn(2, 3, 64, 32))
+    assert outputs['permutations'].shape == (4, 4, 4)
+
+
+def test_parts_input_sees_where_each_stripe_lies():
+    """With the part-pooled input, moving content from one height to another changes the head's
+    input; with the global average it cannot (a map that is constant along the width)."""
+    feature_map = torch.zeros(1, 512, 4, 2)
+    feature_map[:, :, 0] = 1.0
+    moved = feature_map.roll(1, dims=2)
+    for perm_input, differs in (('parts', True), ('gap', False)):
+        model = MMGLNet('resnet18', 'two', num_stripe=4, part=False, perm_input=perm_input).eval()
+        with torch.no_grad():
+            assert (not torch.allclose(model.permutation_head(feature_map), model.permutation_head(moved))) == differs
+
+
+def test_detached_embeddings_train_the_projections_only():
+    model = MMGLNet('resnet18', 'two', num_stripe=2, part=True)
+    outputs = model(torch.randn(2, 3, 32, 16), torch.randn(2, 3, 32, 16), detach_embeddings=True)
+    outputs['embeddings'].sum().backward()
+    assert all(parameter.grad is None for parameter in model.base_resnet.parameters())
+    assert all(parameter.grad is not None for parameter in model.local_conv_list.parameters())

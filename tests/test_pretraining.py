@@ -7,6 +7,8 @@ import torch
 
 import test as mmgl_test
 import train as mmgl_train
+from loss import cycle_contrastive_loss, figure_contrastive_loss
+from model import mmgl_config
 from utils import REPO_ROOT, UserError
 
 
@@ -43,6 +45,31 @@ def test_pcc_loss_falls_during_pretraining(tmp_path, sysu_preprocessed):
     assert history[-1]['pcc_loss'] < 0.9 * history[0]['pcc_loss']
 
 
+def test_every_new_pretraining_flag_reaches_the_run(tmp_path, sysu_preprocessed):
+    history = mmgl_train.main(run_args(tmp_path, sysu_preprocessed, '--batch-size', '4', '--epochs', '2',
+                                       '--steps_per_epoch', '3', '--pcc', '--part', '--pcc_form', 'figure',
+                                       '--cl_warmup', '2', '--cl_weight', '0.4', '--pcc_stop_grad',
+                                       '--perm_input', 'parts', '--perm_bn', '--perm_loss', 'ce',
+                                       '--sinkhorn_tau', '0.5', '--save_epoch', '1'))
+    assert [epoch['steps'] for epoch in history] == [3, 6]          # --steps_per_epoch
+    assert [epoch['cl_weight'] for epoch in history] == [0.0, 0.2]   # --cl_warmup ramps to --cl_weight
+    assert history[0]['perm_loss'] > 0.5                              # --perm_loss ce: about log 6 at the start
+    name = 'synthetic_mmgl_two_resnet18_s6_pcc_part_figure_parts_ce_lr_0.1_seed_0'
+    state = torch.load(tmp_path / 'save_model' / f'{name}_epoch_1.t', weights_only=True)
+    assert mmgl_config(state) == {'arch': 'resnet18', 'num_stripe': 6, 'part': True, 'perm_input': 'parts',
+                                  'perm_bn': True}
+    logged = (tmp_path / 'log' / f'{name}.log').read_text()
+    assert "'sinkhorn_tau': 0.5" in logged and "'pcc_stop_grad': True" in logged and "'pcc_form': 'figure'" in logged
+
+    # --pcc_form picks the loss
+    embeddings = torch.nn.functional.normalize(torch.randn(4, 6, 8), dim=2)
+    visible, thermal = embeddings[:2].flatten(0, 1), embeddings[2:].flatten(0, 1)
+    for form, expected in (('figure', figure_contrastive_loss(visible, thermal, 6, 0.07)),
+                           ('cycle', cycle_contrastive_loss(visible, thermal, 0.07))):
+        args = mmgl_train.get_args_parser().parse_args(['--pcc', '--part', '--pcc_form', form])
+        assert torch.allclose(mmgl_train.pcc_loss_of(embeddings, 2, args), expected)
+
+
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path, sysu_preprocessed):
     common = ('--batch-size', '8', '--lr', '0.01', '--save_epoch', '1')
     straight = tmp_path / 'straight'
@@ -77,6 +104,8 @@ def test_resume_rejects_a_weights_file_and_other_flags(tmp_path, sysu_preprocess
     (('--data_path', '/nonexistent/SYSU-MM01', '--dataset', 'sysu'), 'SYSU-MM01 not found'),
     (('--img_h', '50'), 'not divisible by --num_stripe'),
     (('--part',), 'add --pcc'),
+    (('--steps_per_epoch', '-1'), '--steps_per_epoch must be 0 or more'),
+    (('--pcc', '--pcc_form', 'figure', '--batch-size', '1'), 'other images'),
     (('--resume', 'missing_state.t'), 'no checkpoint file'),
 ])
 def test_train_bad_input_is_one_clear_error(tmp_path, sysu_preprocessed, flags, message):

@@ -1,0 +1,202 @@
+"""Side-by-side study of MMGL pre-training variants: does permutation recovery learn, and with what?
+
+Each variant is a set of train.py flags on top of the paper's command (--stream two --lr 0.1 --pcc
+--part, SGD, 6 stripes, cl_weight 0.5, cl_temp 0.07, 20 Sinkhorn iterations). Every variant is
+trained at the same size and step budget, then judged by test.py on the held-out test identities.
+The folder --out receives:
+    results.json     per variant: its flags, the per-epoch training history and the test figures
+    table.md         one row per variant (failed runs kept, with their error)
+    curves.png       exact and per-stripe permutation accuracy and the PCC loss against steps
+    <variant>/       the run's checkpoints and logs; logs/<variant>.txt its console output
+
+    python bench/pretext_study.py --out study/cpu --arch resnet18 --img_h 48 --img_w 24 --epochs 10 \\
+        --steps_per_epoch 60 --jobs 2
+"""
+import argparse
+import contextlib
+import json
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# The paper's command; each variant adds or overrides flags.
+PAPER = ('--stream', 'two', '--lr', '0.1', '--optim', 'sgd', '--pcc', '--part')
+VARIANTS = {
+    'paper': (),
+    'paper+nopcc': ('--no_pcc',),
+    'paper+onestream': ('--stream', 'one'),
+    'paper+mse_sum': ('--perm_loss', 'mse_sum'),
+    'paper+tau0.1': ('--sinkhorn_tau', '0.1'),
+    'paper+bn': ('--perm_bn',),
+    'paper+ce': ('--perm_loss', 'ce'),
+    'parts': ('--perm_input', 'parts'),
+    'parts+nopcc': ('--perm_input', 'parts', '--no_pcc'),
+    'parts+mse_sum': ('--perm_input', 'parts', '--perm_loss', 'mse_sum'),
+    'parts+ce': ('--perm_input', 'parts', '--perm_loss', 'ce'),
+    'parts+ce+nopcc': ('--perm_input', 'parts', '--perm_loss', 'ce', '--no_pcc'),
+    'parts+ce+warmup': ('--perm_input', 'parts', '--perm_loss', 'ce', '--cl_warmup', '5'),
+    'parts+ce+stopgrad': ('--perm_input', 'parts', '--perm_loss', 'ce', '--pcc_stop_grad'),
+    'parts+ce+w0.1': ('--perm_input', 'parts', '--perm_loss', 'ce', '--cl_weight', '0.1'),
+    'parts+ce+figure': ('--perm_input', 'parts', '--perm_loss', 'ce', '--pcc_form', 'figure'),
+    'parts+ce+onestream': ('--perm_input', 'parts', '--perm_loss', 'ce', '--stream', 'one'),
+}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description='Run MMGL pre-training variants side by side and tabulate them')
+    parser.add_argument('--out', required=True, help='folder for the results, the table and the plot')
+    parser.add_argument('--variants', default='all',
+                        help=f'comma-separated variant names, or all: {", ".join(VARIANTS)}')
+    parser.add_argument('--dataset', default='synthetic', choices=['sysu', 'regdb', 'synthetic'])
+    parser.add_argument('--data_path', default=None)
+    parser.add_argument('--arch', default='resnet50')
+    parser.add_argument('--img_h', default=96, type=int)
+    parser.add_argument('--img_w', default=48, type=int)
+    parser.add_argument('--batch-size', default=8, type=int, dest='batch_size')
+    parser.add_argument('--epochs', default=30, type=int)
+    parser.add_argument('--steps_per_epoch', default=0, type=int, help='0: one pass over the visible images')
+    parser.add_argument('--jobs', default=1, type=int, help='variants trained at once')
+    parser.add_argument('--threads', default=1, type=int, help='torch threads of each job')
+    parser.add_argument('--workers', default=0, type=int, help='data-loading processes of each job')
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--gpu', default='0')
+    return parser
+
+
+def variant_flags(name):
+    """train.py flags of a variant: the paper's command with the variant's changes ('--no_pcc' drops PCC)."""
+    extra = list(VARIANTS[name])
+    flags = [flag for flag in PAPER if not ('--no_pcc' in extra and flag in ('--pcc', '--part'))]
+    return flags + [flag for flag in extra if flag != '--no_pcc']
+
+
+def run_variant(name, args):
+    """Train one variant and judge it on the test identities; runs in a worker process.
+    Returns {'name', 'flags', 'history', 'test', 'seconds'} or {'name', 'flags', 'error'}."""
+    import torch
+    import test as mmgl_test
+    import train as mmgl_train
+
+    torch.set_num_threads(args.threads)
+    folder = Path(args.out) / name
+    common = ['--dataset', args.dataset, '--img_h', str(args.img_h), '--img_w', str(args.img_w),
+              '--workers', str(args.workers), '--seed', str(args.seed), '--gpu', args.gpu]
+    if args.data_path:
+        common += ['--data_path', args.data_path]
+    flags = variant_flags(name)
+    train_argv = common + flags + ['--arch', args.arch, '--batch-size', str(args.batch_size), '--epochs', str(args.epochs),
+                                   '--steps_per_epoch', str(args.steps_per_epoch), '--save_epoch', str(args.epochs),
+                                   '--model_path', str(folder), '--log_path', str(folder),
+                                   '--vis_log_path', str(folder / 'vis')]
+    log_file = Path(args.out) / 'logs' / f'{folder.name}.txt'
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log_file, 'w') as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            history = mmgl_train.main(train_argv)
+            weights = folder / f'{mmgl_train.run_name(mmgl_train.get_args_parser().parse_args(train_argv))}_epoch_{args.epochs}.t'
+            results = mmgl_test.main(common + ['--resume', str(weights)])
+        except (Exception, SystemExit) as error:  # a failed variant stays in the table
+            traceback.print_exc()
+            return {'name': name, 'flags': flags, 'error': f'{type(error).__name__}: {error}'}
+    test = {'perm_exact': results['perm_exact'], 'perm_stripe': results['perm_stripe'],
+            'rank1': float(results['cmc'][0]), 'mAP': float(results['mAP'])}
+    return {'name': name, 'flags': flags, 'history': history, 'test': test, 'seconds': time.time() - start}
+
+
+def write_table(results, path, setting):
+    lines = [f'Setting: {setting}', '',
+             '| variant | flags added to the paper\'s | train exact (last epoch) | train per-stripe | '
+             'first / last PCC loss | **test exact** | test per-stripe | zero-shot R1 / mAP | time |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for result in results:
+        flags = ' '.join(VARIANTS[result['name']]) or '(none)'
+        if 'error' in result:
+            lines.append(f'| {result["name"]} | `{flags}` | failed: {result["error"]} | | | | | | |')
+            continue
+        last, first = result['history'][-1], result['history'][0]
+        test = result['test']
+        pcc = f'{first["pcc_loss"]:.3f} / {last["pcc_loss"]:.3f}' if '--pcc' in result['flags'] else '-'
+        lines.append(f'| {result["name"]} | `{flags}` | {100 * last["perm_exact"]:.1f}% | '
+                     f'{100 * last["perm_stripe"]:.1f}% | {pcc} | **{100 * test["perm_exact"]:.1f}%** | '
+                     f'{100 * test["perm_stripe"]:.1f}% | {100 * test["rank1"]:.1f}% / {100 * test["mAP"]:.1f}% | '
+                     f'{result["seconds"] / 60:.0f} min |')
+    lines += ['', 'Chance: exact 1/720 = 0.14%, per stripe 1/6 = 16.7%. Train figures are on the augmented, '
+              'shuffled training batches of the last epoch; test figures on the held-out test identities '
+              '(test.py, stripes shuffled with seeded permutations).']
+    path.write_text('\n'.join(lines) + '\n')
+
+
+def plot_curves(results, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(17, 5))
+    panels = (('perm_exact', 'exact permutation accuracy (train)'),
+              ('perm_stripe', 'per-stripe accuracy (train)'), ('pcc_loss', 'PCC loss'))
+    for result in results:
+        if 'error' in result:
+            continue
+        steps = [epoch['steps'] for epoch in result['history']]
+        for axis, (key, _) in zip(axes, panels):
+            if key == 'pcc_loss' and '--pcc' not in result['flags']:
+                continue
+            axis.plot(steps, [epoch[key] for epoch in result['history']], label=result['name'])
+    for axis, (key, title) in zip(axes, panels):
+        axis.set_title(title)
+        axis.set_xlabel('training steps')
+        axis.grid(alpha=0.3)
+    axes[0].axhline(1 / 720, color='grey', linestyle=':', label='chance')
+    axes[1].axhline(1 / 6, color='grey', linestyle=':', label='chance')
+    axes[0].legend(fontsize=7, loc='upper left')
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    names = list(VARIANTS) if args.variants == 'all' else [name.strip() for name in args.variants.split(',')]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        sys.exit(f'error: unknown variant(s) {unknown}: choose from {list(VARIANTS)}')
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Data are prepared once, before the workers start (the synthetic set is generated on first use).
+    from data_manager import prepare_dataset
+    prepare_dataset(args.dataset, args.data_path, need_train_arrays=args.dataset != 'regdb')
+
+    results_file = out / 'results.json'
+    done = {result['name']: result for result in json.loads(results_file.read_text())} if results_file.is_file() else {}
+    todo = [name for name in names if name not in done or 'error' in done[name]]
+    print(f'{len(todo)} variant(s) to run, {len(names) - len(todo)} already in {results_file}', flush=True)
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context('spawn')) as pool:
+        futures = {name: pool.submit(run_variant, name, args) for name in todo}
+        for name, future in futures.items():
+            done[name] = future.result()
+            result = done[name]
+            summary = result.get('error') or (f'test exact {100 * result["test"]["perm_exact"]:.1f}%, per stripe '
+                                              f'{100 * result["test"]["perm_stripe"]:.1f}%')
+            print(f'{name}: {summary}', flush=True)
+            ordered = [done[key] for key in names if key in done]
+            results_file.write_text(json.dumps(ordered, indent=1))
+    ordered = [done[name] for name in names]
+    import torch
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {args.threads} thread(s) per job'
+    setting = (f'{args.arch}, {args.img_h}x{args.img_w}, batch {args.batch_size}+{args.batch_size}, '
+               f'{args.epochs} epochs of {args.steps_per_epoch or "one pass over the visible images"} steps, '
+               f'{args.dataset}, seed {args.seed}, on {device}, {args.jobs} job(s) at once')
+    write_table(ordered, out / 'table.md', setting)
+    plot_curves(ordered, out / 'curves.png')
+    print((out / 'table.md').read_text())
+
+
+if __name__ == '__main__':
+    main()
