@@ -3,7 +3,8 @@ generalised-mean pooling and a BNNeck identity classifier (Ye et al., TPAMI 2021
 
 The state dict has the keys and shapes of the public AGW `embed_net`, all at the top level:
     visible_module.*, thermal_module.*, base_resnet.*   the backbone (see model.py)
-    NL_1 .. NL_4                                       non-local blocks of stages 1..4 (ModuleLists)
+    NL_1 .. NL_4                                       non-local blocks of stages 1..4 (ModuleLists), each
+                                                       with the public single inner channel (see NonLocal)
     bottleneck.*                                       BNNeck: BatchNorm1d(pool_dim) without shift
     classifier.weight                                  (class_num, pool_dim), no bias
 so public AGW checkpoints load here and these load in the public code.
@@ -25,13 +26,23 @@ NON_LOCAL_PER_STAGE = (0, 2, 3, 0)
 class NonLocal(nn.Module):
     """Non-local block with dot-product affinity scaled by 1/N (no softmax), added as a residual.
 
-    x: (B, C, H, W) -> (B, C, H, W). The batch norm closing `W` starts at weight 0 and bias 0,
-    so a fresh block is the identity and leaves the pre-trained backbone undisturbed.
+    x: (B, C, H, W) -> (B, C, H, W). theta, phi and g are 1x1 convolutions from C to
+    C // reduc_ratio inner channels; W maps them back to C and ends in a batch norm that starts at
+    weight 0 and bias 0, so a fresh block is the identity and leaves the pre-trained backbone undisturbed.
+
+    reduc_ratio defaults to C, i.e. ONE inner channel: the public AGW block sets its inner width to
+    `reduc_ratio // reduc_ratio`, which is 1 whatever the ratio, and the published AGW and AGW+MMGL
+    results and checkpoints come from that block. reduc_ratio=2 gives the C/2 inner channels of the
+    non-local paper (and of AGW networks built by this repository before it matched the public
+    block); their tensors have other shapes than the public ones.
     """
 
-    def __init__(self, in_channels):
+    def __init__(self, in_channels, reduc_ratio=None):
         super().__init__()
-        self.inter_channels = in_channels // 2
+        reduc_ratio = in_channels if reduc_ratio is None else reduc_ratio
+        if not 1 <= reduc_ratio <= in_channels:
+            raise ValueError(f'reduc_ratio must be in 1..{in_channels}, got {reduc_ratio}')
+        self.inter_channels = in_channels // reduc_ratio
         self.g = nn.Sequential(nn.Conv2d(in_channels, self.inter_channels, kernel_size=1))
         self.W = nn.Sequential(nn.Conv2d(self.inter_channels, in_channels, kernel_size=1),
                                nn.BatchNorm2d(in_channels))
@@ -42,9 +53,9 @@ class NonLocal(nn.Module):
 
     def forward(self, x):
         batch, _, height, width = x.shape
-        queries = self.theta(x).flatten(2).transpose(1, 2)    # (B, N, C/2), N = H * W
-        keys = self.phi(x).flatten(2)                         # (B, C/2, N)
-        values = self.g(x).flatten(2).transpose(1, 2)         # (B, N, C/2)
+        queries = self.theta(x).flatten(2).transpose(1, 2)    # (B, N, inner), N = H * W
+        keys = self.phi(x).flatten(2)                         # (B, inner, N)
+        values = self.g(x).flatten(2).transpose(1, 2)         # (B, N, inner)
         affinity = queries @ keys / (height * width)          # (B, N, N)
         context = (affinity @ values).transpose(1, 2).reshape(batch, self.inter_channels, height, width)
         return x + self.W(context)

@@ -3,6 +3,7 @@ and loading of MMGL pre-trained backbones."""
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import utils
 from AGW.agw_model import NonLocal, embed_net, gem_pool
@@ -12,6 +13,9 @@ from tests.test_model_loss import BN_KEYS, public_agw_backbone_keys
 
 # The public AGW network with non-local on: 2 blocks in layer2 (512 channels), 3 in layer3 (1024).
 PUBLIC_NON_LOCAL = {'NL_2': (2, 512), 'NL_3': (3, 1024)}
+# The public block's inner width: its `inter_channels = reduc_ratio // reduc_ratio` is 1 whatever the
+# ratio, so g, theta and phi are C -> 1 convolutions and W is 1 -> C (+ BatchNorm2d(C)).
+PUBLIC_NON_LOCAL_INNER = 1
 
 
 def public_agw_shapes(class_num, non_local):
@@ -20,8 +24,8 @@ def public_agw_shapes(class_num, non_local):
     shapes['bottleneck.num_batches_tracked'] = ()
     shapes['classifier.weight'] = (class_num, 2048)
     if non_local:
+        inner = PUBLIC_NON_LOCAL_INNER
         for name, (count, channels) in PUBLIC_NON_LOCAL.items():
-            inner = channels // 2
             for index in range(count):
                 block = f'{name}.{index}'
                 for conv in ('g.0', 'theta', 'phi'):
@@ -34,17 +38,39 @@ def public_agw_shapes(class_num, non_local):
     return shapes
 
 
+def public_backbone_shapes():
+    """The public backbone modules wrap torchvision-layout ResNet-50s (last stride 1 changes no
+    shape), so each backbone tensor has the shape of the torchvision tensor of the same name."""
+    resnet = torchvision.models.resnet50().state_dict()
+    shapes = {}
+    for key in public_agw_backbone_keys():
+        name = key.split('.', 2)[2]  # drop 'visible_module.visible.' and the like
+        shapes[key] = tuple(resnet[name].shape)
+    return shapes
+
+
 @pytest.mark.parametrize('method, stream', [('base', 'two'), ('agw', 'two'), ('agw', 'one')])
 def test_state_dict_is_the_public_agw_layout(method, stream):
     switch = 'on' if method == 'agw' else 'off'
     state = embed_net(395, no_local=switch, gm_pool=switch, stream=stream).state_dict()
-    heads = public_agw_shapes(395, non_local=method == 'agw')
-    assert set(state) == public_agw_backbone_keys() | set(heads)
-    assert {key: tuple(state[key].shape) for key in heads} == heads
+    expected = {**public_backbone_shapes(), **public_agw_shapes(395, non_local=method == 'agw')}
+    assert {key: tuple(value.shape) for key, value in state.items()} == expected
     if method == 'agw':
-        assert state['NL_2.0.g.0.weight'].shape == (256, 512, 1, 1)
-        assert state['NL_3.0.W.0.weight'].shape == (1024, 512, 1, 1)
+        assert state['NL_2.0.g.0.weight'].shape == (1, 512, 1, 1)
+        assert state['NL_3.0.W.0.weight'].shape == (1024, 1, 1, 1)
     assert state['classifier.weight'].shape == (395, 2048)
+
+
+def test_non_local_blocks_have_the_small_public_parameter_count():
+    # Per block of C channels, with one inner channel: g, theta, phi are C weights + 1 bias each;
+    # W is a 1 -> C convolution (C weights + C biases) and a batch norm (C weights + C biases).
+    # 3 (C + 1) + 2C + 2C = 7C + 3: 3,587 at C = 512 (two blocks) and 7,171 at C = 1024 (three).
+    expected = 2 * 3_587 + 3 * 7_171
+    assert expected == 28_687
+    model = embed_net(395)
+    blocks = [model.NL_1, model.NL_2, model.NL_3, model.NL_4]
+    assert sum(len(stage) for stage in blocks) == 5
+    assert sum(parameter.numel() for stage in blocks for parameter in stage.parameters()) == expected
 
 
 def test_bnneck_and_classifier_start_as_in_the_public_code():
@@ -134,16 +160,31 @@ def test_gem_pool_is_the_cube_root_of_the_mean_cube():
     assert torch.allclose(gem_pool(torch.full((1, 2, 3, 3), 0.5)), torch.full((1, 2), 0.5))
 
 
-def test_fresh_non_local_block_is_the_identity():
-    block = NonLocal(16)
+@pytest.mark.parametrize('reduc_ratio, inner', [(None, 1), (2, 8), (16, 1)])
+def test_reduc_ratio_sets_the_inner_channels(reduc_ratio, inner):
+    block = NonLocal(16, reduc_ratio)
+    assert block.theta.out_channels == block.phi.out_channels == block.g[0].out_channels == inner
+    assert block.W[0].in_channels == inner and block.W[0].out_channels == 16
+
+
+@pytest.mark.parametrize('reduc_ratio', [0, 17])
+def test_reduc_ratio_out_of_range_is_refused(reduc_ratio):
+    with pytest.raises(ValueError, match='reduc_ratio'):
+        NonLocal(16, reduc_ratio)
+
+
+@pytest.mark.parametrize('reduc_ratio', [None, 2])
+def test_fresh_non_local_block_is_the_identity(reduc_ratio):
+    block = NonLocal(16, reduc_ratio)
     x = torch.randn(2, 16, 5, 3)
     assert torch.allclose(block(x), x)
     assert torch.allclose(block.eval()(x), x)
 
 
-def test_non_local_block_mixes_positions_by_scaled_dot_product():
+@pytest.mark.parametrize('reduc_ratio', [None, 2])
+def test_non_local_block_mixes_positions_by_scaled_dot_product(reduc_ratio):
     torch.manual_seed(0)
-    block = NonLocal(8).eval()
+    block = NonLocal(8, reduc_ratio).eval()
     torch.nn.init.normal_(block.W[1].weight)
     torch.nn.init.normal_(block.W[1].bias)
     x = torch.randn(2, 8, 3, 2)

@@ -65,6 +65,31 @@ def test_run_names_follow_the_public_script():
     assert (args.lr, args.margin, args.lambda0, args.epochs, args.vis_log_path) == (0.1, 0.3, 1.0, 81, 'log/vis_log_ddag/')
 
 
+def test_lr_steps_give_the_mmgl_or_the_ddag_schedule(tmp_path, sysu_preprocessed):
+    parse = ddag_train.get_args_parser().parse_args
+    assert parse([]).lr_steps == [30, 50]  # the MMGL authors' copy of train_ddag.py
+    assert parse(['--lr_steps', '20', '50']).lr_steps == [20, 50]  # mangye16's DDAG
+
+    # One real epoch, then its state file moved on to epoch 20, where the schedules differ: mangye16's
+    # has dropped to 0.1 x --lr, the MMGL authors' keeps --lr until epoch 30.
+    common = ('--batch-size', '2', '--num_pos', '2', '--lr', '0.1')
+    name = 'synthetic_drop_0.2_2_2_lr_0.1_seed_0'
+    ddag_train.main(train_args(tmp_path / 'start', sysu_preprocessed, *common, '--epochs', '1'))
+    state = torch.load(tmp_path / 'start' / 'save_model' / f'{name}_state.t', weights_only=False)
+    state['epoch'] = 20
+    for folder, steps, expected in (('default', (), 0.1), ('ddag', ('--lr_steps', '20', '50'), 0.01)):
+        state_file = tmp_path / folder / 'save_model' / f'{name}_state.t'
+        state_file.parent.mkdir(parents=True)
+        torch.save(state, state_file)
+        history = ddag_train.main(train_args(tmp_path / folder, sysu_preprocessed, *common, *steps, '--epochs', '21',
+                                             '--resume_state', str(state_file)))
+        assert [stats['epoch'] for stats in history] == [20]
+        assert history[0]['lr'] == pytest.approx(expected)
+        groups = torch.load(state_file, weights_only=False)['optimizer']['param_groups']  # rewritten after epoch 20
+        assert groups[0]['lr_scale'] == 0.1  # the backbone
+        assert [group['lr'] for group in groups] == pytest.approx([group['lr_scale'] * expected for group in groups])
+
+
 def assert_backbone_loaded(log, stream, checkpoint):
     expected = len(backbone_keys(embed_net(32, 7, arch='resnet18', stream=stream)))
     assert f'loaded {expected} of {expected} backbone tensors of the resnet18 {stream}-stream' in log
