@@ -9,7 +9,7 @@ A fine-tuning script brings its network, its losses and its flags; this module d
     class_count(trainset)               identities to classify, from the labels
     identity_loader(trainset, args, device)   a loader over a fresh IdentitySampler: call it every epoch
     load_pretrained(net, path, log)     the backbone of an MMGL (or train.py state, AGW, DDAG) checkpoint
-    Evaluator                           test images -> features -> (CMC, mAP, mINP) per named feature
+    Evaluator                           test images -> features (a RetrievalSet) -> (CMC, mAP, mINP) per named feature
     train_one_epoch(...)                one pass over a loader; the method's `step` gives the loss
     fit(run, net, optimizer, trainset, step, evaluator, ...)   the epoch loop with lr schedule,
                                         evaluation, <run>_best.t, <run>_epoch_N.t, <run>_state.t, --resume_state
@@ -38,7 +38,7 @@ from tqdm import tqdm
 import utils
 from data_loader import IdentitySampler, RegDBData, SYSUData, TestData, test_transform, train_transform
 from data_manager import prepare_dataset
-from eval_metrics import average_results, evaluate_regdb, evaluate_sysu, summarize
+from eval_metrics import average_results, regdb_retrieval_set, summarize, sysu_retrieval_set
 from model import ARCHS, BACKBONE_PREFIXES, backbone_state_dict, checkpoint_arch
 
 DATASETS = ('sysu', 'regdb', 'synthetic')
@@ -373,20 +373,24 @@ class Evaluator:
             return dict(zip(self.feature_names, features))
         return extract
 
-    def evaluate(self, net, gallery_trials=(0,)):
-        """{feature name: [(cmc, mAP, mINP) per trial]}: SYSU-MM01 one entry per gallery draw in
-        gallery_trials, RegDB one entry (split self.trial). Leaves the network's train/eval mode
-        and every random generator as they were, so evaluating never changes a training run."""
+    def retrieval_set(self, net, gallery_trials=(0,)):
+        """The test images' features and labels (eval_metrics.RetrievalSet): SYSU-MM01 one trial per
+        gallery draw in gallery_trials, RegDB one (split self.trial). Leaves the network's train/eval
+        mode and every random generator as they were, so evaluating never changes a training run."""
         was_training, rng = net.training, utils.rng_state()
         net.eval()
         try:
             extract = self.extractor(net)
             if self.dataset == 'regdb':
-                return evaluate_regdb(extract, self.data_path, self.trial, self.tvsearch)
-            return evaluate_sysu(extract, self.data_path, self.mode, self.shot, trials=gallery_trials)
+                return regdb_retrieval_set(extract, self.data_path, self.trial, self.tvsearch)
+            return sysu_retrieval_set(extract, self.data_path, self.mode, self.shot, trials=gallery_trials)
         finally:
             utils.set_rng_state(rng)
             net.train(was_training)
+
+    def evaluate(self, net, gallery_trials=(0,)):
+        """{feature name: [(cmc, mAP, mINP) per trial]} of retrieval_set, ranked by -q.g."""
+        return self.retrieval_set(net, gallery_trials).evaluate()
 
 
 def score_lines(scores, width=None):

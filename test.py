@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 import utils
 from data_loader import TestData, test_transform
 from data_manager import prepare_dataset
-from eval_metrics import average_results, evaluate_regdb, evaluate_sysu, summarize
+from eval_metrics import average_results, regdb_retrieval_set, summarize, sysu_retrieval_set
 from loss import permutation_accuracy, random_permutations, shuffle_stripes
 from model import MMGLNet, mmgl_config
 
@@ -94,9 +94,10 @@ def main(argv=None):
 
     with torch.no_grad():
         if args.dataset == 'regdb':
-            results = evaluate_regdb(extract, data_path, args.trial, args.tvsearch)
+            retrieval_set = regdb_retrieval_set(extract, data_path, args.trial, args.tvsearch)
         else:
-            results = evaluate_sysu(extract, data_path, args.mode, 'single', trials=range(10))
+            retrieval_set = sysu_retrieval_set(extract, data_path, args.mode, 'single', trials=range(10))
+    results = retrieval_set.evaluate()
 
     chance = 1 / math.factorial(model.num_stripe)
     for modal, name in ((1, 'visible'), (2, 'infrared'), ((1, 2), 'both')):
