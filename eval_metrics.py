@@ -14,19 +14,23 @@ loop over queries:
 Only queries with at least one true match left in their ranked list are
 "valid"; CMC, mAP and mINP are averaged over the valid queries.
 
-The end of the module runs the whole test protocol of each dataset (query and gallery sets,
-gallery trials, distances) around a feature extractor that the calling script supplies.
+The end of the module runs the whole test protocol of each dataset around a feature extractor that
+the calling script supplies: the query and gallery sets and the gallery trials, with their features,
+make a RetrievalSet, which ranks by a distance (the public -q.g unless another is given: re-ranking)
+and scores each trial.
 
 Importing this module has no side effects.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
 from data_manager import process_gallery_sysu, process_query_sysu, process_test_regdb
 
-__all__ = ['eval_sysu', 'eval_regdb', 'summarize', 'evaluate_sysu', 'evaluate_regdb', 'average_results']
+__all__ = ['eval_sysu', 'eval_regdb', 'summarize', 'inner_product_distance', 'RetrievalSet', 'sysu_retrieval_set',
+           'regdb_retrieval_set', 'average_results']
 
 # Below this many distance entries a single-threaded argsort is already fast.
 _PARALLEL_MIN_ENTRIES = 1 << 20
@@ -55,9 +59,8 @@ def eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20):
     if distmat.ndim != 2 or q_camids.shape[0] != distmat.shape[0] or g_camids.shape[0] != distmat.shape[1]:
         raise ValueError('distmat must be (num_q, num_g) and q_camids/g_camids of length num_q/num_g; '
                          'got {}, {} and {}.'.format(distmat.shape, q_camids.shape, g_camids.shape))
-    # Camera rule of the SYSU-MM01 protocol: a camera-3 query skips camera-2 gallery images.
-    return _evaluate(distmat, q_pids, g_pids, max_rank,
-                     q_drop=(q_camids == 3), g_drop=(g_camids == 2), dedup=True)
+    q_drop, g_drop = _sysu_skip_rule(q_camids, g_camids)
+    return _evaluate(distmat, q_pids, g_pids, max_rank, q_drop=q_drop, g_drop=g_drop, dedup=True)
 
 
 def eval_regdb(distmat, q_pids, g_pids, max_rank=20):
@@ -89,6 +92,19 @@ def summarize(cmc, mAP, mINP):
     parts.append('mAP: {:.2f}%'.format(100.0 * float(mAP)))
     parts.append('mINP: {:.2f}%'.format(100.0 * float(mINP)))
     return ' | '.join(parts)
+
+
+def _sysu_skip_rule(q_camids, g_camids):
+    """The camera rule of the SYSU-MM01 protocol: a camera-3 query skips camera-2 gallery images.
+    Returns (q_drop (num_q,) bool, g_drop (num_g,) bool): gallery entry g is skipped for query q
+    when q_drop[q] and g_drop[g]."""
+    return np.asarray(q_camids) == 3, np.asarray(g_camids) == 2
+
+
+def _sysu_skipped(q_camids, g_camids):
+    """(num_q, num_g) bool: the gallery entries the SYSU-MM01 camera rule skips for each query."""
+    q_drop, g_drop = _sysu_skip_rule(q_camids, g_camids)
+    return q_drop[:, None] & g_drop[None, :]
 
 
 def _as_1d(a, name):
@@ -229,45 +245,105 @@ def _evaluate(distmat, q_pids, g_pids, max_rank, q_drop, g_drop, dedup):
 # ----------------------------------------------------------------------------- test protocols
 
 
-def evaluate_sysu(extract, data_path, mode='all', shot='single', trials=range(10)):
+def inner_product_distance(query_features, gallery_features):
+    """(Q, D), (G, D) -> (Q, G) = -q.g: for L2-normalised features, ascending order is descending
+    cosine similarity. The distance of the public test scripts, and the default of RetrievalSet."""
+    return -query_features @ gallery_features.T
+
+
+@dataclass
+class RetrievalSet:
+    """One test's images and features: queries against the gallery of each trial.
+
+    protocol: 'sysu' (camera rule, identity de-duplication: eval_sysu) or 'regdb' (eval_regdb).
+    query_paths: Q image paths; query_ids, query_cams: (Q,) int64; query_features: {feature name:
+    (Q, D) array}. gallery_*: the same for every gallery image that any trial draws (G of them).
+    trial_rows: one (G_t,) int64 array per trial, the gallery rows that trial uses.
+    RegDB has no camera numbers: its cams are the modality, 1 visible and 2 thermal.
+    """
+    protocol: str
+    query_paths: list
+    query_ids: np.ndarray
+    query_cams: np.ndarray
+    query_features: dict
+    gallery_paths: list
+    gallery_ids: np.ndarray
+    gallery_cams: np.ndarray
+    gallery_features: dict
+    trial_rows: list
+
+    @property
+    def feature_names(self):
+        return tuple(self.query_features)
+
+    def distances(self, name, trial_index, distance=inner_product_distance):
+        """(Q, G_t) distances of feature `name` between the queries and the gallery of one trial.
+        distance(query (Q, D), gallery (G_t, D)) -> (Q, G_t) array, smaller is closer."""
+        rows = self.trial_rows[trial_index]
+        return distance(self.query_features[name], self.gallery_features[name][rows])
+
+    def evaluate(self, distance=inner_product_distance):
+        """{feature name: [(cmc, mAP, mINP) of each trial]} under the set's protocol."""
+        results = {name: [] for name in self.feature_names}
+        for trial_index, rows in enumerate(self.trial_rows):
+            for name in self.feature_names:
+                distmat = self.distances(name, trial_index, distance)
+                if self.protocol == 'sysu':
+                    scores = eval_sysu(distmat, self.query_ids, self.gallery_ids[rows], self.query_cams,
+                                       self.gallery_cams[rows])
+                else:
+                    scores = eval_regdb(distmat, self.query_ids, self.gallery_ids[rows])
+                results[name].append(scores)
+        return results
+
+    def ranked_lists(self, distmat, query_indices, trial_index, length=10):
+        """The first `length` gallery images of each query in query_indices, as the metrics rank them
+        (np.argsort of its row of distmat, (Q, G_t), the SYSU-MM01 camera rule applied).
+        Returns one array of positions in the trial's gallery per query (shorter when it is small)."""
+        rows = self.trial_rows[trial_index]
+        lists = []
+        for query in query_indices:
+            order = np.argsort(distmat[query])
+            if self.protocol == 'sysu':
+                skipped = _sysu_skipped(self.query_cams[query:query + 1], self.gallery_cams[rows])
+                order = order[~skipped[0][order]]
+            lists.append(order[:length])
+        return lists
+
+
+def sysu_retrieval_set(extract, data_path, mode='all', shot='single', trials=range(10)):
     """SYSU-MM01: infrared queries (cam3, cam6) against a visible gallery drawn anew for each trial.
 
     extract(paths, modal) -> {feature name: (N, D) array}, modal 1 visible, 2 infrared; features
-    are compared by inner product (L2-normalise them for cosine). Every distinct gallery image is
-    extracted once, however many trials draw it.
-    Returns {feature name: [(cmc, mAP, mINP) of each trial]}.
+    are compared by inner product (L2-normalise them for cosine) unless another distance is given
+    to RetrievalSet.evaluate. Every distinct gallery image is extracted once, however many trials
+    draw it.
     """
-    query_paths, query_pids, query_cams = process_query_sysu(data_path, mode)
+    query_paths, query_ids, query_cams = process_query_sysu(data_path, mode)
     galleries = [process_gallery_sysu(data_path, mode, trial, shot) for trial in trials]
-    gallery_paths = sorted(set().union(*(paths for paths, _, _ in galleries)))
+    labels = {path: (pid, cam) for paths, pids, cams in galleries for path, pid, cam in zip(paths, pids, cams)}
+    gallery_paths = sorted(labels)
     row_of = {path: row for row, path in enumerate(gallery_paths)}
     query_features = extract(query_paths, 2)
     gallery_features = extract(gallery_paths, 1)
-    results = {name: [] for name in query_features}
-    for paths, pids, cams in galleries:
-        rows = [row_of[path] for path in paths]
-        for name, features in query_features.items():
-            distmat = -features @ gallery_features[name][rows].T
-            results[name].append(eval_sysu(distmat, query_pids, pids, query_cams, cams))
-    return results
+    return RetrievalSet(
+        'sysu', query_paths, query_ids, query_cams, query_features,
+        gallery_paths, np.array([labels[path][0] for path in gallery_paths], dtype=np.int64),
+        np.array([labels[path][1] for path in gallery_paths], dtype=np.int64), gallery_features,
+        trial_rows=[np.array([row_of[path] for path in paths], dtype=np.int64) for paths, _, _ in galleries])
 
 
-def evaluate_regdb(extract, data_path, trial=1, tvsearch=False):
-    """RegDB, one split: visible queries against the thermal gallery (thermal to visible with tvsearch).
-    extract as for evaluate_sysu. Returns {feature name: [(cmc, mAP, mINP)]}."""
-    visible_paths, visible_pids = process_test_regdb(data_path, trial, 'visible')
-    thermal_paths, thermal_pids = process_test_regdb(data_path, trial, 'thermal')
-    visible_features = extract(visible_paths, 1)
-    thermal_features = extract(thermal_paths, 2)
-    results = {}
-    for name in visible_features:
-        if tvsearch:
-            distmat = -thermal_features[name] @ visible_features[name].T
-            results[name] = [eval_regdb(distmat, thermal_pids, visible_pids)]
-        else:
-            distmat = -visible_features[name] @ thermal_features[name].T
-            results[name] = [eval_regdb(distmat, visible_pids, thermal_pids)]
-    return results
+def regdb_retrieval_set(extract, data_path, trial=1, tvsearch=False):
+    """RegDB, one split: visible queries against the thermal gallery (thermal to visible with
+    tvsearch), one trial. extract as for sysu_retrieval_set."""
+    visible_paths, visible_ids = process_test_regdb(data_path, trial, 'visible')
+    thermal_paths, thermal_ids = process_test_regdb(data_path, trial, 'thermal')
+    # Visible images first, whatever the direction: the order of the public code, whose random
+    # draws test.py's seeded stripe permutations follow.
+    visible = (visible_paths, visible_ids, np.full(len(visible_ids), 1, dtype=np.int64), extract(visible_paths, 1))
+    thermal = (thermal_paths, thermal_ids, np.full(len(thermal_ids), 2, dtype=np.int64), extract(thermal_paths, 2))
+    query, gallery = (thermal, visible) if tvsearch else (visible, thermal)
+    return RetrievalSet('regdb', *query, *gallery, trial_rows=[np.arange(len(gallery[0]), dtype=np.int64)])
 
 
 def average_results(results):

@@ -9,12 +9,13 @@ A fine-tuning script brings its network, its losses and its flags; this module d
     class_count(trainset)               identities to classify, from the labels
     identity_loader(trainset, args, device)   a loader over a fresh IdentitySampler: call it every epoch
     load_pretrained(net, path, log)     the backbone of an MMGL (or train.py state, AGW, DDAG) checkpoint
-    Evaluator                           test images -> features -> (CMC, mAP, mINP) per named feature
+    Evaluator                           test images -> features (a RetrievalSet) -> (CMC, mAP, mINP) per named feature
     train_one_epoch(...)                one pass over a loader; the method's `step` gives the loss
     fit(run, net, optimizer, trainset, step, evaluator, ...)   the epoch loop with lr schedule,
                                         evaluation, <run>_best.t, <run>_epoch_N.t, <run>_state.t, --resume_state
     test_args_parser(description), run_test(args, build_net, feature_names, default_checkpoint)
-                                        most of a test script: checkpoint(s), trials, report, averages
+                                        most of a test script: checkpoint(s), trials, report, averages, and
+                                        the test-time tools of retrieval_tools.py (--rerank, --flip, ...)
     load_finetuned(path, build_net)     a fine-tuned network, loaded strictly
 
 Files a fine-tuning run writes into --model_path (epochs are numbered from 0, as in the public code):
@@ -35,10 +36,11 @@ from tensorboardX import SummaryWriter
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import retrieval_tools
 import utils
 from data_loader import IdentitySampler, RegDBData, SYSUData, TestData, test_transform, train_transform
 from data_manager import prepare_dataset
-from eval_metrics import average_results, evaluate_regdb, evaluate_sysu, summarize
+from eval_metrics import average_results, regdb_retrieval_set, summarize, sysu_retrieval_set
 from model import ARCHS, BACKBONE_PREFIXES, backbone_state_dict, checkpoint_arch
 
 DATASETS = ('sysu', 'regdb', 'synthetic')
@@ -115,6 +117,7 @@ def test_args_parser(description):
     naming.add_argument('--batch-size', default=8, type=int, dest='batch_size')
     naming.add_argument('--seed', default=0, type=int)
     naming.add_argument('--stream', default='two', choices=['one', 'two'])
+    retrieval_tools.add_test_time_flags(parser)
     return parser
 
 
@@ -335,15 +338,16 @@ class Evaluator:
     (thermal to visible with tvsearch).
 
     The network's eval-mode forward `net(x, x, modal)` returns one (B, D) feature per name in
-    feature_names (L2-normalised: compared by inner product). Test images are loaded once and kept.
+    feature_names (L2-normalised: compared by inner product). With flip, each is averaged with that
+    of the mirrored image (retrieval_tools.mirror_averaged). Test images are loaded once and kept.
     """
 
     def __init__(self, dataset, data_path, device, feature_names, img_h=288, img_w=144, test_batch=64, workers=4,
-                 mode='all', shot='single', trial=1, tvsearch=False):
+                 mode='all', shot='single', trial=1, tvsearch=False, flip=False):
         self.dataset, self.data_path, self.device = dataset, Path(data_path), device
         self.feature_names = tuple(feature_names)
         self.img_h, self.img_w, self.test_batch, self.workers = img_h, img_w, test_batch, workers
-        self.mode, self.shot, self.trial, self.tvsearch = mode, shot, trial, tvsearch
+        self.mode, self.shot, self.trial, self.tvsearch, self.flip = mode, shot, trial, tvsearch, flip
         self.transform = test_transform(img_h, img_w)
         self._images = {}
 
@@ -351,7 +355,7 @@ class Evaluator:
     def from_args(cls, args, data_path, device, feature_names, **overrides):
         options = dict(img_h=args.img_h, img_w=args.img_w, test_batch=args.test_batch, workers=args.workers,
                        mode=args.mode, shot=getattr(args, 'shot', 'single'), trial=args.trial,
-                       tvsearch=getattr(args, 'tvsearch', False))
+                       tvsearch=getattr(args, 'tvsearch', False), flip=getattr(args, 'flip', False))
         options.update(overrides)
         return cls(args.dataset, data_path, device, feature_names, **options)
 
@@ -367,26 +371,33 @@ class Evaluator:
         def extract(paths, modal):
             loader = DataLoader(self.images(paths), batch_size=self.test_batch, shuffle=False,
                                 num_workers=self.workers, pin_memory=self.device.type == 'cuda')
-            features = utils.extract_features(lambda images: net(images, images, modal), loader, self.device)
+            def features_of(images):
+                return net(images, images, modal)
+            forward = retrieval_tools.mirror_averaged(features_of) if self.flip else features_of
+            features = utils.extract_features(forward, loader, self.device)
             if len(features) != len(self.feature_names):
                 raise ValueError(f'the network gives {len(features)} features, expected {self.feature_names}')
             return dict(zip(self.feature_names, features))
         return extract
 
-    def evaluate(self, net, gallery_trials=(0,)):
-        """{feature name: [(cmc, mAP, mINP) per trial]}: SYSU-MM01 one entry per gallery draw in
-        gallery_trials, RegDB one entry (split self.trial). Leaves the network's train/eval mode
-        and every random generator as they were, so evaluating never changes a training run."""
+    def retrieval_set(self, net, gallery_trials=(0,)):
+        """The test images' features and labels (eval_metrics.RetrievalSet): SYSU-MM01 one trial per
+        gallery draw in gallery_trials, RegDB one (split self.trial). Leaves the network's train/eval
+        mode and every random generator as they were, so evaluating never changes a training run."""
         was_training, rng = net.training, utils.rng_state()
         net.eval()
         try:
             extract = self.extractor(net)
             if self.dataset == 'regdb':
-                return evaluate_regdb(extract, self.data_path, self.trial, self.tvsearch)
-            return evaluate_sysu(extract, self.data_path, self.mode, self.shot, trials=gallery_trials)
+                return regdb_retrieval_set(extract, self.data_path, self.trial, self.tvsearch)
+            return sysu_retrieval_set(extract, self.data_path, self.mode, self.shot, trials=gallery_trials)
         finally:
             utils.set_rng_state(rng)
             net.train(was_training)
+
+    def evaluate(self, net, gallery_trials=(0,)):
+        """{feature name: [(cmc, mAP, mINP) per trial]} of retrieval_set, ranked by -q.g."""
+        return self.retrieval_set(net, gallery_trials).evaluate()
 
 
 def score_lines(scores, width=None):
@@ -516,10 +527,13 @@ def run_test(args, build_net, feature_names, default_checkpoint, unused_prefixes
 
     SYSU-MM01 / synthetic: one checkpoint, 10 gallery draws (--mode, --shot), each reported, then averaged.
     RegDB: the checkpoint of split --trial, or with --trial 0 of each split 1..10, averaged.
+    The test-time flags of retrieval_tools (--flip, --rerank, --visualize, --save_features) apply to
+    every checkpoint tested.
     Returns {feature name: {'trials': [(cmc, mAP, mINP), ...], 'cmc', 'mAP', 'mINP' (averages)}}.
     """
     if args.dataset == 'regdb' and not 0 <= args.trial <= 10:
         raise utils.UserError(f'--trial {args.trial}: RegDB has splits 1..10 (0 tests all ten).')
+    retrieval_tools.check_test_time_flags(args)
     pattern = args.resume or default_checkpoint
     if args.dataset == 'regdb':
         trials = list(range(1, 11)) if args.trial == 0 else [args.trial]
@@ -533,6 +547,7 @@ def run_test(args, build_net, feature_names, default_checkpoint, unused_prefixes
     paths = {trial: utils.find_checkpoint(name, args.model_path) for trial, name in files.items()}
     device = utils.select_device(args.gpu)
     data_path = prepare_dataset(args.dataset, args.data_path)
+    distance = retrieval_tools.ranking_distance(args, device)
 
     per_trial = {name: [] for name in feature_names}
     for trial, path in paths.items():
@@ -542,18 +557,21 @@ def run_test(args, build_net, feature_names, default_checkpoint, unused_prefixes
         print(f'==> loaded {path} ({net.arch}, {net.classifier.out_features} training identities{recorded})')
         if args.dataset == 'regdb':
             evaluator = Evaluator.from_args(args, data_path, device, feature_names, trial=trial)
-            results = evaluator.evaluate(net)
+            retrieval_set = evaluator.retrieval_set(net)
             labels = [f'Test Trial: {trial}']
         else:
             evaluator = Evaluator.from_args(args, data_path, device, feature_names)
-            results = evaluator.evaluate(net, gallery_trials=range(10))
+            retrieval_set = evaluator.retrieval_set(net, gallery_trials=range(10))
             labels = [f'Test Trial: {index}' for index in range(10)]
+        results = retrieval_set.evaluate(distance)
         for index, label in enumerate(labels):
             print(label)
             for line in score_lines({name: results[name][index] for name in feature_names}):
                 print('  ' + line)
         for name in feature_names:
             per_trial[name].extend(results[name])
+        retrieval_tools.write_outputs(args, retrieval_set, distance, retrieval_tools.output_name(path, args),
+                                      split=trial)
 
     summary = {}
     for name in feature_names:
@@ -562,7 +580,7 @@ def run_test(args, build_net, feature_names, default_checkpoint, unused_prefixes
     count = len(per_trial[feature_names[0]])
     direction = 'thermal to visible' if args.dataset == 'regdb' and args.tvsearch else (
         'visible to thermal' if args.dataset == 'regdb' else f'infrared to visible, {args.mode} search, {args.shot}-shot')
-    print(f'All Average ({count} trial{"s" if count > 1 else ""}, {direction}):')
+    print(f'All Average ({count} trial{"s" if count > 1 else ""}, {direction}{retrieval_tools.describe(args)}):')
     for line in score_lines({name: (s['cmc'], s['mAP'], s['mINP']) for name, s in summary.items()}):
         print('  ' + line)
     return summary

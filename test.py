@@ -2,7 +2,9 @@
 
 (a) permutation recovery on the test images, stripes shuffled with seeded permutations;
 (b) zero-shot cross-modality retrieval with the backbone's pooled features, under the standard
-    protocol (SYSU-MM01: infrared queries, 10 visible gallery trials averaged; RegDB: one trial).
+    protocol (SYSU-MM01: infrared queries, 10 visible gallery trials averaged; RegDB: one trial),
+    with the test-time tools of retrieval_tools.py for the retrieval (--flip, --rerank, --visualize N,
+    --save_features FILE).
 
     python test.py --dataset sysu --resume sysu_mmgl_two_resnet50_s6_pcc_part_lr_0.1_seed_0_epoch_100.t
 """
@@ -14,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import retrieval_tools
 import utils
 from data_loader import TestData, test_transform
 from data_manager import prepare_dataset
-from eval_metrics import average_results, evaluate_regdb, evaluate_sysu, summarize
+from eval_metrics import average_results, regdb_retrieval_set, summarize, sysu_retrieval_set
 from loss import permutation_accuracy, random_permutations, shuffle_stripes
 from model import MMGLNet, mmgl_config
 
@@ -37,6 +40,7 @@ def get_args_parser():
     parser.add_argument('--workers', default=4, type=int)
     parser.add_argument('--seed', default=0, type=int, help='seed of the test permutations')
     parser.add_argument('--gpu', default='0', help='sets CUDA_VISIBLE_DEVICES; the CPU is used without CUDA')
+    retrieval_tools.add_test_time_flags(parser)
     return parser
 
 
@@ -68,6 +72,7 @@ def load_model(args, device):
 def main(argv=None):
     """Evaluate; returns {'perm_exact', 'perm_stripe', 'cmc', 'mAP', 'mINP'} (permutation rates over both modalities)."""
     args = get_args_parser().parse_args(argv)
+    retrieval_tools.check_test_time_flags(args)
     device = utils.select_device(args.gpu)
     data_path = prepare_dataset(args.dataset, args.data_path)
     model = load_model(args, device)
@@ -81,22 +86,28 @@ def main(argv=None):
     recovered = {}  # modality -> (predicted (N, S, S), true (N, S))
 
     def extract(paths, modal):
-        """Pooled backbone features (zero-shot retrieval) and, on the same images, permutation recovery."""
+        """Pooled backbone features (zero-shot retrieval; flip-averaged with --flip) and, on the same
+        images, permutation recovery (never flipped)."""
+        def pooled_features(images):
+            return F.normalize(model.feature_map(images, images, modal).mean(dim=(2, 3)), dim=1)
+        retrieval_features = retrieval_tools.mirror_averaged(pooled_features) if args.flip else pooled_features
+
         def forward(images):
-            pooled = model.feature_map(images, images, modal).mean(dim=(2, 3))
             permutations = random_permutations(len(images), model.num_stripe, generator).to(device)
             shuffled = shuffle_stripes(images, permutations)
             predicted = model.permutation_head(model.feature_map(shuffled, shuffled, modal))
-            return F.normalize(pooled, dim=1), predicted.flatten(1), permutations
+            return retrieval_features(images), predicted.flatten(1), permutations
         pooled, predicted, permutations = utils.extract_features(forward, loader(paths), device)
         recovered.setdefault(modal, []).append((predicted, permutations))
         return {'pool': pooled}
 
     with torch.no_grad():
         if args.dataset == 'regdb':
-            results = evaluate_regdb(extract, data_path, args.trial, args.tvsearch)
+            retrieval_set = regdb_retrieval_set(extract, data_path, args.trial, args.tvsearch)
         else:
-            results = evaluate_sysu(extract, data_path, args.mode, 'single', trials=range(10))
+            retrieval_set = sysu_retrieval_set(extract, data_path, args.mode, 'single', trials=range(10))
+    distance = retrieval_tools.ranking_distance(args, device)
+    results = retrieval_set.evaluate(distance)
 
     chance = 1 / math.factorial(model.num_stripe)
     for modal, name in ((1, 'visible'), (2, 'infrared'), ((1, 2), 'both')):
@@ -108,8 +119,10 @@ def main(argv=None):
         print(f'permutation recovery, {name} ({len(predicted)} images): exact {100 * exact:.2f}% '
               f'(chance {100 * chance:.2f}%), per stripe {100 * per_stripe:.2f}% (chance {100 / model.num_stripe:.2f}%)')
     cmc, mAP, mINP = average_results(results['pool'])
-    print(f'zero-shot retrieval ({"10 trials averaged" if args.dataset != "regdb" else f"trial {args.trial}"}): '
-          f'{summarize(cmc, mAP, mINP)}')
+    print(f'zero-shot retrieval ({"10 trials averaged" if args.dataset != "regdb" else f"trial {args.trial}"}'
+          f'{retrieval_tools.describe(args)}): {summarize(cmc, mAP, mINP)}')
+    retrieval_tools.write_outputs(args, retrieval_set, distance, retrieval_tools.output_name(args.resume, args),
+                                  split=args.trial if args.dataset == 'regdb' else None)
     return {'perm_exact': exact, 'perm_stripe': per_stripe, 'cmc': cmc, 'mAP': mAP, 'mINP': mINP}
 
 

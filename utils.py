@@ -101,6 +101,14 @@ def save_array(array, path):
     atomic_write(path, write)
 
 
+def save_arrays(arrays, path):
+    """{name: array} into one .npz file at exactly `path` (np.savez given a file name would add .npz)."""
+    def write(temporary):
+        with open(temporary, 'wb') as handle:
+            np.savez(handle, **arrays)
+    atomic_write(path, write)
+
+
 def data_path_for(dataset, data_path=None):
     """The dataset folder: `--data_path` when given, else the default under data/ at the repo root."""
     if data_path:

@@ -10,6 +10,9 @@ The graph attention is used in training only. SYSU-MM01: infrared queries agains
 draws (--mode all|indoor, --shot single|multi), each trial and the average. RegDB: one checkpoint per
 split, "{trial}" in --resume standing for its number: --trial K tests split K, --trial 0 (default) all
 ten, averaged; --tvsearch searches visible images with thermal queries.
+Test-time tools (retrieval_tools.py, shared with the other test scripts): --flip averages each feature
+with its mirror image's, --rerank re-ranks every trial (k-reciprocal; --k1, --k2, --lambda_value),
+--visualize N draws N queries' ranked lists into --visualize_dir, --save_features FILE writes the features.
 Without --resume the checkpoint is the <run>_best.t that train_ddag.py writes with the same naming
 flags (--graph, --wpa, --part, --drop, --num_pos, --batch-size, --lr, --seed, --optim, --stream).
 The network is built for the checkpoint (identities from its classifier, arch from its backbone;
