@@ -714,16 +714,15 @@ def main():
                         help=f'where to write it (default: {data_path_for("synthetic")})')
     parser.add_argument('--sheet', default=None, help='also save a PNG contact sheet of samples here')
     parser.add_argument('--num_train_ids', default=32, type=int, help='training identities')
-    parser.add_argument('--num_val_ids', default=8, type=int, help='validation identities (trained on, as in SYSU-MM01)')
+    parser.add_argument('--num_val_ids', default=8, type=int,
+                        help='validation identities (trained on too, as in SYSU-MM01)')
     parser.add_argument('--num_test_ids', default=12, type=int,
                         help='test identities (chance Rank-1 is 1 / this; e.g. 100 for a set that ranks methods)')
     parser.add_argument('--seed', default=0, type=int)
     args = parser.parse_args()
-    for flag in ('num_train_ids', 'num_test_ids'):
+    for flag in ('num_train_ids', 'num_val_ids', 'num_test_ids'):
         if getattr(args, flag) < 1:
-            raise UserError(f'--{flag} must be at least 1, got {getattr(args, flag)}.')
-    if args.num_val_ids < 0:
-        raise UserError(f'--num_val_ids must be 0 or more, got {args.num_val_ids}.')
+            raise UserError(f'--{flag} must be at least 1 (SYSU-MM01 lists each split), got {getattr(args, flag)}.')
     options = dict(seed=args.seed, num_train_ids=args.num_train_ids, num_val_ids=args.num_val_ids,
                    num_test_ids=args.num_test_ids)
     root = data_path_for('synthetic', args.data_path)

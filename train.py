@@ -37,9 +37,10 @@ def get_args_parser():
     parser.add_argument('--num_stripe', default=6, type=int, help='horizontal stripes per image')
     parser.add_argument('--sinkhorn_iter', default=20, type=int)
     parser.add_argument('--sinkhorn_tau', default=1.0, type=float)
-    parser.add_argument('--perm_input', default='gap', choices=PERM_INPUTS,
-                        help='input of the permutation head: gap, the global average of the last map (the '
-                             "paper's figure); parts, its S horizontal parts pooled and concatenated in stripe order")
+    parser.add_argument('--perm_input', default='parts', choices=PERM_INPUTS,
+                        help='input of the permutation head: parts, the S horizontal parts of the last map pooled '
+                             "and concatenated in stripe order (the default); gap, its global average (the paper's "
+                             'figure: permutation recovery stays at chance, see the README)')
     parser.add_argument('--perm_bn', action='store_true', help='BatchNorm1d on the input of the permutation head')
     parser.add_argument('--perm_loss', default='mse', choices=PERM_LOSSES,
                         help='mse: squared error averaged over the SxS entries (the paper); mse_sum: summed over '
@@ -53,8 +54,10 @@ def get_args_parser():
     parser.add_argument('--cl_temp', default=0.07, type=float, help='PCC temperature')
     parser.add_argument('--cl_warmup', default=0, type=int,
                         help='the PCC weight rises linearly from 0 to --cl_weight over this many epochs')
-    parser.add_argument('--pcc_stop_grad', action='store_true',
-                        help="PCC trains its part projections only: its gradient does not reach the backbone")
+    parser.add_argument('--pcc_grad', default='heads', choices=['heads', 'backbone'],
+                        help='where the PCC gradient goes: heads, its part projections only (the default: with '
+                             'the backbone too, permutation recovery stays at chance, see the README); backbone, '
+                             'the projections and the backbone (the paper)')
     parser.add_argument('--lr', default=0.1, type=float)
     parser.add_argument('--optim', default='sgd', choices=['sgd', 'adam'])
     parser.add_argument('--epochs', default=100, type=int)
@@ -81,7 +84,8 @@ def run_name(args):
     name += '_pcc' if args.pcc else ''
     name += '_part' if args.part else ''
     name += f'_{args.pcc_form}' if args.pcc and args.pcc_form != 'cycle' else ''
-    name += f'_{args.perm_input}' if args.perm_input != 'gap' else ''
+    name += f'_{args.perm_input}' if args.perm_input != 'parts' else ''
+    name += '_pccbackbone' if args.pcc and args.pcc_grad == 'backbone' else ''
     name += f'_{args.perm_loss}' if args.perm_loss != 'mse' else ''
     name += f'_lr_{args.lr}_seed_{args.seed}'
     return name + (f'_trial_{args.trial}' if args.dataset == 'regdb' else '')
@@ -135,7 +139,7 @@ def train_one_epoch(model, loader, optimizer, args, device, epoch, writer):
         thermal = shuffle_stripes(thermal.to(device, non_blocking=True), permutations)
         permutations = torch.cat((permutations, permutations))
 
-        outputs = model(visible, thermal, detach_embeddings=args.pcc_stop_grad)
+        outputs = model(visible, thermal, detach_embeddings=args.pcc_grad == 'heads')
         perm_loss = permutation_loss(outputs['permutations'], permutations, args.perm_loss)
         loss = perm_loss
         pcc_loss = torch.zeros((), device=device)

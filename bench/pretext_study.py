@@ -26,26 +26,31 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-# The paper's command; each variant adds or overrides flags.
-PAPER = ('--stream', 'two', '--lr', '0.1', '--optim', 'sgd', '--pcc', '--part')
+# The paper's command, with the paper's choices where train.py's defaults deviate from it (the
+# global-average head input, PCC's gradient in the backbone); each variant adds or overrides flags.
+PAPER = ('--stream', 'two', '--lr', '0.1', '--optim', 'sgd', '--pcc', '--part', '--perm_input', 'gap',
+         '--pcc_grad', 'backbone')
 VARIANTS = {
     'paper': (),
     'paper+nopcc': ('--no_pcc',),
     'paper+onestream': ('--stream', 'one'),
     'paper+mse_sum': ('--perm_loss', 'mse_sum'),
+    'paper+ce': ('--perm_loss', 'ce'),
     'paper+tau0.1': ('--sinkhorn_tau', '0.1'),
     'paper+bn': ('--perm_bn',),
-    'paper+ce': ('--perm_loss', 'ce'),
     'parts': ('--perm_input', 'parts'),
     'parts+nopcc': ('--perm_input', 'parts', '--no_pcc'),
     'parts+mse_sum': ('--perm_input', 'parts', '--perm_loss', 'mse_sum'),
+    'parts+mse_sum+nopcc': ('--perm_input', 'parts', '--perm_loss', 'mse_sum', '--no_pcc'),
     'parts+ce': ('--perm_input', 'parts', '--perm_loss', 'ce'),
-    'parts+ce+nopcc': ('--perm_input', 'parts', '--perm_loss', 'ce', '--no_pcc'),
-    'parts+ce+warmup': ('--perm_input', 'parts', '--perm_loss', 'ce', '--cl_warmup', '5'),
-    'parts+ce+stopgrad': ('--perm_input', 'parts', '--perm_loss', 'ce', '--pcc_stop_grad'),
-    'parts+ce+w0.1': ('--perm_input', 'parts', '--perm_loss', 'ce', '--cl_weight', '0.1'),
-    'parts+ce+figure': ('--perm_input', 'parts', '--perm_loss', 'ce', '--pcc_form', 'figure'),
-    'parts+ce+onestream': ('--perm_input', 'parts', '--perm_loss', 'ce', '--stream', 'one'),
+    'parts+bn': ('--perm_input', 'parts', '--perm_bn'),
+    'parts+w0.05': ('--perm_input', 'parts', '--cl_weight', '0.05'),
+    'parts+warmup': ('--perm_input', 'parts', '--cl_warmup', '10'),
+    'parts+figure': ('--perm_input', 'parts', '--pcc_form', 'figure'),
+    # train.py's defaults: PCC trains its projections only
+    'default': ('--perm_input', 'parts', '--pcc_grad', 'heads'),
+    'default+onestream': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--stream', 'one'),
+    'default+figure': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--pcc_form', 'figure'),
 }
 
 
@@ -73,7 +78,9 @@ def get_args_parser():
 def variant_flags(name):
     """train.py flags of a variant: the paper's command with the variant's changes ('--no_pcc' drops PCC)."""
     extra = list(VARIANTS[name])
-    flags = [flag for flag in PAPER if not ('--no_pcc' in extra and flag in ('--pcc', '--part'))]
+    flags = list(PAPER)
+    if '--no_pcc' in extra:
+        flags = flags[:flags.index('--pcc')] + flags[flags.index('--part') + 1:]
     return flags + [flag for flag in extra if flag != '--no_pcc']
 
 

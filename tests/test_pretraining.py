@@ -18,15 +18,16 @@ def run_args(tmp_path, data_path, *extra):
             '--log_path', str(tmp_path / 'log'), '--vis_log_path', str(tmp_path / 'log' / 'vis'), *extra]
 
 
-def test_short_pretraining_learns_to_recover_permutations(tmp_path, synthetic_demo):
-    history = mmgl_train.main(run_args(tmp_path, synthetic_demo, '--batch-size', '16', '--optim', 'adam',
-                                       '--lr', '0.003', '--epochs', '3'))
+def test_the_papers_command_learns_permutation_recovery_on_held_out_identities(tmp_path, synthetic_demo):
+    """The paper's optimiser and losses (SGD at lr 0.1, --pcc --part, the warm-up) at toy size: 200 steps
+    of ResNet-18 at 96x48 recover the stripe order of unseen people far above chance, and PCC trains."""
+    history = mmgl_train.main(run_args(tmp_path, synthetic_demo, '--img_h', '96', '--img_w', '48', '--batch-size', '8',
+                                       '--lr', '0.1', '--pcc', '--part', '--epochs', '10', '--steps_per_epoch', '20'))
     chance_exact, chance_stripe = 1 / 720, 1 / 6
-    assert history[-1]['perm_stripe'] > 1.8 * chance_stripe
-    assert history[-1]['perm_exact'] > 5 * chance_exact
+    assert history[-1]['pcc_loss'] < 0.8 * history[0]['pcc_loss']
 
-    name = 'synthetic_mmgl_two_resnet18_s6_lr_0.003_seed_0'
-    weights = tmp_path / 'save_model' / f'{name}_epoch_3.t'
+    name = 'synthetic_mmgl_two_resnet18_s6_pcc_part_lr_0.1_seed_0'
+    weights = tmp_path / 'save_model' / f'{name}_epoch_10.t'
     assert weights.is_file() and (tmp_path / 'save_model' / f'{name}_state.t').is_file()
     assert 'perm acc exact' in (tmp_path / 'log' / f'{name}.log').read_text()
     assert list((tmp_path / 'log' / 'vis' / name).glob('events.out.tfevents.*'))
@@ -34,32 +35,28 @@ def test_short_pretraining_learns_to_recover_permutations(tmp_path, synthetic_de
     assert all(torch.is_tensor(value) for value in state.values())
 
     results = mmgl_test.main(['--dataset', 'synthetic', '--data_path', str(synthetic_demo), '--resume', str(weights),
-                              '--img_h', '48', '--img_w', '24', '--workers', '0'])
+                              '--img_h', '96', '--img_w', '48', '--workers', '0'])
+    print(f"held-out identities: exact {results['perm_exact']:.4f}, per stripe {results['perm_stripe']:.4f}")
     assert results['perm_stripe'] > 1.5 * chance_stripe
+    assert results['perm_exact'] > 5 * chance_exact
     assert 0 < results['cmc'][0] <= 1 and 0 < results['mAP'] <= 1
-
-
-def test_pcc_loss_falls_during_pretraining(tmp_path, sysu_preprocessed):
-    history = mmgl_train.main(run_args(tmp_path, sysu_preprocessed, '--batch-size', '8', '--optim', 'adam',
-                                       '--lr', '0.003', '--epochs', '3', '--pcc', '--part'))
-    assert history[-1]['pcc_loss'] < 0.9 * history[0]['pcc_loss']
 
 
 def test_every_new_pretraining_flag_reaches_the_run(tmp_path, sysu_preprocessed):
     history = mmgl_train.main(run_args(tmp_path, sysu_preprocessed, '--batch-size', '4', '--epochs', '2',
                                        '--steps_per_epoch', '3', '--pcc', '--part', '--pcc_form', 'figure',
-                                       '--cl_warmup', '2', '--cl_weight', '0.4', '--pcc_stop_grad',
+                                       '--cl_warmup', '2', '--cl_weight', '0.4', '--pcc_grad', 'heads',
                                        '--perm_input', 'parts', '--perm_bn', '--perm_loss', 'ce',
                                        '--sinkhorn_tau', '0.5', '--save_epoch', '1'))
     assert [epoch['steps'] for epoch in history] == [3, 6]          # --steps_per_epoch
     assert [epoch['cl_weight'] for epoch in history] == [0.0, 0.2]   # --cl_warmup ramps to --cl_weight
     assert history[0]['perm_loss'] > 0.5                              # --perm_loss ce: about log 6 at the start
-    name = 'synthetic_mmgl_two_resnet18_s6_pcc_part_figure_parts_ce_lr_0.1_seed_0'
+    name = 'synthetic_mmgl_two_resnet18_s6_pcc_part_figure_ce_lr_0.1_seed_0'
     state = torch.load(tmp_path / 'save_model' / f'{name}_epoch_1.t', weights_only=True)
     assert mmgl_config(state) == {'arch': 'resnet18', 'num_stripe': 6, 'part': True, 'perm_input': 'parts',
                                   'perm_bn': True}
     logged = (tmp_path / 'log' / f'{name}.log').read_text()
-    assert "'sinkhorn_tau': 0.5" in logged and "'pcc_stop_grad': True" in logged and "'pcc_form': 'figure'" in logged
+    assert "'sinkhorn_tau': 0.5" in logged and "'pcc_grad': 'heads'" in logged and "'pcc_form': 'figure'" in logged
 
     # --pcc_form picks the loss
     embeddings = torch.nn.functional.normalize(torch.randn(4, 6, 8), dim=2)
