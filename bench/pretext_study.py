@@ -192,8 +192,8 @@ def main(argv=None):
             summary = result.get('error') or (f'test exact {100 * result["test"]["perm_exact"]:.1f}%, per stripe '
                                               f'{100 * result["test"]["perm_stripe"]:.1f}%')
             print(f'{name}: {summary}', flush=True)
-            ordered = [done[key] for key in names if key in done]
-            results_file.write_text(json.dumps(ordered, indent=1))
+            # every result so far, also of variants not asked for this time, in the order of VARIANTS
+            results_file.write_text(json.dumps([done[key] for key in VARIANTS if key in done], indent=1))
     ordered = [done[name] for name in names]
     import torch
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {args.threads} thread(s) per job'

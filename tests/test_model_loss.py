@@ -227,9 +227,25 @@ def test_parts_input_sees_where_each_stripe_lies():
             assert (not torch.allclose(model.permutation_head(feature_map), model.permutation_head(moved))) == differs
 
 
-def test_detached_embeddings_train_the_projections_only():
-    model = MMGLNet('resnet18', 'two', num_stripe=2, part=True)
-    outputs = model(torch.randn(2, 3, 32, 16), torch.randn(2, 3, 32, 16), detach_embeddings=True)
-    outputs['embeddings'].sum().backward()
-    assert all(parameter.grad is None for parameter in model.base_resnet.parameters())
-    assert all(parameter.grad is not None for parameter in model.local_conv_list.parameters())
+def test_pcc_kept_in_its_heads_adds_nothing_to_the_backbone_gradient():
+    """--pcc_grad heads: the shared stages learn from permutation recovery alone; with the paper's
+    --pcc_grad backbone PCC changes their gradient."""
+    generator = torch.Generator().manual_seed(6)
+    visible, thermal = torch.randn(4, 3, 48, 24, generator=generator), torch.randn(4, 3, 48, 24, generator=generator)
+    permutations = torch.cat([random_permutations(4, 6, generator=generator)] * 2)
+    model = MMGLNet('resnet18', 'two', num_stripe=6, part=True)
+
+    def backbone_gradient(pcc_weight, detach_embeddings):
+        model.zero_grad()
+        outputs = model(visible, thermal, detach_embeddings=detach_embeddings)
+        embeddings = outputs['embeddings']
+        loss = permutation_loss(outputs['permutations'], permutations) + pcc_weight * cycle_contrastive_loss(
+            embeddings[:4].flatten(0, 1), embeddings[4:].flatten(0, 1))
+        loss.backward()
+        return torch.cat([parameter.grad.flatten() for parameter in model.base_resnet.parameters()])
+
+    alone = backbone_gradient(0.0, False)
+    assert torch.allclose(backbone_gradient(0.5, True), alone, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(backbone_gradient(0.5, False), alone, rtol=1e-3, atol=1e-6)
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0
+               for parameter in model.local_conv_list.parameters())
