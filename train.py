@@ -5,6 +5,11 @@ them (the i-th visible and i-th infrared image share one permutation) and trains
 recover the permutation (Sinkhorn + MSE) and, with --pcc, to keep part embeddings cycle-consistent
 across modalities. No identity label is read.
 
+Two defaults deviate from the paper because its settings did not learn (README, "The pre-training
+study"): the permutation head reads the map's S part-pooled features in stripe order (--perm_input
+gap: the paper's global pool), and the PCC gradient trains the part projections only (--pcc_grad
+backbone: the paper's).
+
     python train.py --dataset sysu --stream two --lr 0.1 --pcc --part --gpu 0
 """
 import argparse

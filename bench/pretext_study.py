@@ -149,14 +149,16 @@ def plot_curves(results, path):
     figure, axes = plt.subplots(1, 3, figsize=(17, 5))
     panels = (('perm_exact', 'exact permutation accuracy (train)'),
               ('perm_stripe', 'per-stripe accuracy (train)'), ('pcc_loss', 'PCC loss'))
-    for result in results:
+    colours = plt.get_cmap('tab20').colors  # twenty distinct colours; dashes tell the second ten apart
+    for index, result in enumerate(results):
         if 'error' in result:
             continue
+        style = dict(color=colours[index % 20], linestyle='-' if index % 2 == 0 else '--', label=result['name'])
         steps = [epoch['steps'] for epoch in result['history']]
         for axis, (key, _) in zip(axes, panels):
             if key == 'pcc_loss' and '--pcc' not in result['flags']:
                 continue
-            axis.plot(steps, [epoch[key] for epoch in result['history']], label=result['name'])
+            axis.plot(steps, [epoch[key] for epoch in result['history']], **style)
     for axis, (key, title) in zip(axes, panels):
         axis.set_title(title)
         axis.set_xlabel('training steps')
