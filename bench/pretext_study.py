@@ -199,8 +199,9 @@ def main(argv=None):
     ordered = [done[name] for name in names]
     import torch
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {args.threads} thread(s) per job'
-    setting = (f'{args.arch}, {args.img_h}x{args.img_w}, batch {args.batch_size}+{args.batch_size}, '
-               f'{args.epochs} epochs of {args.steps_per_epoch or "one pass over the visible images"} steps, '
+    setting = (f'{args.arch}, {args.img_h}x{args.img_w}, batch {args.batch_size}+{args.batch_size}, ' +
+               (f'{args.epochs} epochs of {args.steps_per_epoch} steps, ' if args.steps_per_epoch else
+                f'{args.epochs} epochs of one pass over the visible images, ') +
                f'{args.dataset}, seed {args.seed}, on {device}, {args.jobs} job(s) at once')
     write_table(ordered, out / 'table.md', setting)
     plot_curves(ordered, out / 'curves.png')
