@@ -1,4 +1,4 @@
-"""Datasets, transforms and the samplers that feed the networks.
+"""Datasets, transforms and the samplers that feed the networks, and the dataset folder a run uses.
 
 Training datasets hold a visible and a thermal (infrared) image set side by side; an item is
 addressed by a pair (visible_index, thermal_index) that a sampler chooses, and comes back as
@@ -11,11 +11,20 @@ import torch
 import torchvision.transforms as transforms
 from torch.utils.data import Dataset, Sampler
 
-from data_manager import read_image, read_regdb_index, train_array_paths
-from utils import UserError
+from data_manager import dataset_folder, read_image, read_regdb_index, train_array_paths
+from synthetic import ensure_synthetic_sysu
+from utils import UserError, data_path_for
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def prepare_dataset(dataset, data_path=None, need_train_arrays=False):
+    """The checked folder of `dataset` (data_manager.dataset_folder); 'synthetic', a SYSU-MM01
+    look-alike, is generated and pre-processed first if it is not there yet."""
+    if dataset == 'synthetic':
+        ensure_synthetic_sysu(data_path_for(dataset, data_path))
+    return dataset_folder(dataset, data_path, need_train_arrays)
 
 
 def train_transform(img_h=288, img_w=144):

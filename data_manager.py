@@ -168,11 +168,11 @@ def read_image(path, size):
     return np.asarray(resized, dtype=np.uint8)
 
 
-def prepare_dataset(dataset, data_path=None, need_train_arrays=False):
+def dataset_folder(dataset, data_path=None, need_train_arrays=False):
     """The folder of `dataset` (sysu, regdb or synthetic), checked to hold what a run needs.
 
-    'synthetic' is a SYSU-MM01 look-alike generated (and pre-processed) on first use.
-    need_train_arrays: also require the pre-processed SYSU-MM01 training arrays.
+    need_train_arrays: also require the pre-processed SYSU-MM01 training arrays. The synthetic set
+    is checked like SYSU-MM01: data_loader.prepare_dataset generates it first.
     """
     if dataset not in ('sysu', 'regdb', 'synthetic'):
         raise UserError(f'--dataset {dataset!r} is not known: use sysu, regdb or synthetic.')
@@ -182,10 +182,6 @@ def prepare_dataset(dataset, data_path=None, need_train_arrays=False):
             raise UserError(f'RegDB not found at {folder} (it needs Visible/, Thermal/ and idx/): '
                             f'get it through {REGDB_DOWNLOAD} (see README) and pass --data_path.')
         return folder
-    if dataset == 'synthetic':
-        # Imported here: synthetic.py builds on this module, so a top-level import would be circular.
-        from synthetic import ensure_synthetic_sysu
-        ensure_synthetic_sysu(folder)
     if not (folder / 'exp').is_dir():
         raise UserError(f'SYSU-MM01 not found at {folder}: download it from {SYSU_DOWNLOAD} '
                         f'(see README) and pass --data_path.')

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_manager import (INFRARED_CAMERAS, VISIBLE_CAMERAS, list_sysu_images, parse_sysu_path,
-                          prepare_dataset, read_image, read_split_ids)
+from data_manager import (INFRARED_CAMERAS, VISIBLE_CAMERAS, dataset_folder, list_sysu_images, parse_sysu_path,
+                          read_image, read_split_ids)
 from utils import UserError, data_path_for, run_main, save_array
 
 IMAGE_WIDTH, IMAGE_HEIGHT = 144, 288
@@ -59,7 +59,7 @@ def main():
     parser.add_argument('--data_path', default=None,
                         help=f'SYSU-MM01 folder (default: {data_path_for("sysu")})')
     args = parser.parse_args()
-    data_path = prepare_dataset('sysu', args.data_path)
+    data_path = dataset_folder('sysu', args.data_path)
     counts = preprocess_sysu(data_path)
     print(f'Wrote {counts["visible"]} visible and {counts["infrared"]} infrared images of '
           f'{counts["identities"]} identities into {data_path}.')

@@ -16,30 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import options
 import retrieval_tools
 import utils
-from data_loader import TestData, test_transform
-from data_manager import prepare_dataset
+from data_loader import TestData, prepare_dataset, test_transform
 from eval_metrics import average_results, regdb_retrieval_set, summarize, sysu_retrieval_set
 from loss import permutation_accuracy, random_permutations, shuffle_stripes
 from model import MMGLNet, mmgl_config
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description='Evaluate an MMGL pre-training checkpoint')
-    parser.add_argument('--dataset', default='sysu', choices=['sysu', 'regdb', 'synthetic'])
-    parser.add_argument('--data_path', default=None, help='dataset folder (default: under data/ at the repo root)')
+    parser = argparse.ArgumentParser(description='Evaluate an MMGL pre-training checkpoint',
+                                     parents=[options.data_flags(), options.evaluation_flags()])
     parser.add_argument('--resume', required=True, help='checkpoint: a path, or a file name in --model_path')
     parser.add_argument('--model_path', default='save_model/')
-    parser.add_argument('--mode', default='all', choices=['all', 'indoor'], help='SYSU-MM01 search mode')
     parser.add_argument('--trial', default=1, type=int, help='RegDB split (1..10)')
     parser.add_argument('--tvsearch', action='store_true', help='RegDB: thermal queries, visible gallery')
-    parser.add_argument('--img_h', default=288, type=int)
-    parser.add_argument('--img_w', default=144, type=int)
-    parser.add_argument('--test-batch', default=64, type=int, dest='test_batch')
-    parser.add_argument('--workers', default=4, type=int)
     parser.add_argument('--seed', default=0, type=int, help='seed of the test permutations')
-    parser.add_argument('--gpu', default='0', help='sets CUDA_VISIBLE_DEVICES; the CPU is used without CUDA')
     retrieval_tools.add_test_time_flags(parser)
     return parser
 

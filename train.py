@@ -13,32 +13,26 @@ backbone: the paper's).
     python train.py --dataset sysu --stream two --lr 0.1 --pcc --part --gpu 0
 """
 import argparse
-import time
-from pathlib import Path
 
 import torch
-from tensorboardX import SummaryWriter
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+import engine
+import options
 import utils
-from data_loader import RegDBData, SYSUData, UnpairedSampler, train_transform
-from data_manager import prepare_dataset
+from data_loader import UnpairedSampler
 from loss import (PCC_FORMS, PERM_LOSSES, cycle_contrastive_loss, figure_contrastive_loss, permutation_accuracy,
                   permutation_loss, random_permutations, shuffle_stripes)
-from model import ARCHS, PERM_INPUTS, MMGLNet
+from model import PERM_INPUTS, MMGLNet
+
+# Flags a --resume run must share with the run that wrote the state.
+SHAPE_FLAGS = ('dataset', 'arch', 'stream', 'num_stripe', 'pcc', 'part', 'perm_input', 'perm_bn')
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description='MMGL self-supervised pre-training')
-    parser.add_argument('--dataset', default='sysu', choices=['sysu', 'regdb', 'synthetic'])
-    parser.add_argument('--data_path', default=None,
-                        help='dataset folder (holding cam1..cam6 and exp/, or Visible/, Thermal/ and idx/); '
-                             'default: data/SYSU-MM01, data/RegDB or data/synthetic at the repo root')
+    parser = argparse.ArgumentParser(description='MMGL self-supervised pre-training',
+                                     parents=[options.data_flags(), options.training_flags()])
     parser.add_argument('--trial', default=1, type=int, help='RegDB split (1..10)')
-    parser.add_argument('--arch', default='resnet50', choices=ARCHS)
-    parser.add_argument('--stream', default='two', choices=['one', 'two'],
-                        help='two: modality-specific stems; one: one stem for both modalities')
     parser.add_argument('--num_stripe', default=6, type=int, help='horizontal stripes per image')
     parser.add_argument('--sinkhorn_iter', default=20, type=int)
     parser.add_argument('--sinkhorn_tau', default=1.0, type=float)
@@ -63,24 +57,12 @@ def get_args_parser():
                         help='where the PCC gradient goes: heads, its part projections only (the default: with '
                              'the backbone too, permutation recovery stays at chance, see the README); backbone, '
                              'the projections and the backbone (the paper)')
-    parser.add_argument('--lr', default=0.1, type=float)
-    parser.add_argument('--optim', default='sgd', choices=['sgd', 'adam'])
-    parser.add_argument('--epochs', default=100, type=int)
     parser.add_argument('--steps_per_epoch', default=0, type=int,
                         help='steps that make an epoch (0: one pass over the visible images); lets a small set '
                              "follow the paper's step budget and schedule")
     parser.add_argument('--batch-size', default=32, type=int, dest='batch_size',
                         help='visible images per step (and as many infrared)')
-    parser.add_argument('--img_h', default=288, type=int)
-    parser.add_argument('--img_w', default=144, type=int)
-    parser.add_argument('--workers', default=4, type=int)
     parser.add_argument('--resume', default='', help='training-state file (<run>_state.t) to continue a run')
-    parser.add_argument('--model_path', default='save_model/', help='where checkpoints are written')
-    parser.add_argument('--save_epoch', default=20, type=int, help='save weights every N epochs')
-    parser.add_argument('--log_path', default='log/')
-    parser.add_argument('--vis_log_path', default='log/vis_log/')
-    parser.add_argument('--seed', default=0, type=int)
-    parser.add_argument('--gpu', default='0', help='sets CUDA_VISIBLE_DEVICES; the CPU is used without CUDA')
     return parser
 
 
@@ -129,133 +111,62 @@ def pcc_loss_of(embeddings, num_visible, args):
     return cycle_contrastive_loss(visible, thermal, args.cl_temp)
 
 
-def train_one_epoch(model, loader, optimizer, args, device, epoch, writer):
-    """One pass over the loader. Returns the epoch means of the logged quantities."""
-    model.train()
-    meters = {name: utils.AverageMeter() for name in ('loss', 'perm_loss', 'pcc_loss', 'perm_exact', 'perm_stripe')}
-    images_per_step = 2 * args.batch_size
-    cl_weight = pcc_weight(epoch, args)
-    throughput = utils.Throughput(len(loader) * images_per_step)
-    progress = tqdm(loader, desc=f'epoch {epoch}', unit='step', leave=False, dynamic_ncols=True, mininterval=1.0)
-    for step, (visible, thermal, _, _) in enumerate(progress):
-        # The i-th visible and the i-th infrared image share one permutation.
-        permutations = random_permutations(len(visible), args.num_stripe).to(device)
-        visible = shuffle_stripes(visible.to(device, non_blocking=True), permutations)
-        thermal = shuffle_stripes(thermal.to(device, non_blocking=True), permutations)
+def make_step(model, args):
+    """The MMGL training step (see engine): shuffle the stripes of both batches, the i-th visible and
+    the i-th infrared image with one permutation, recover the permutations, add PCC with --pcc.
+    Identity labels are never read."""
+    def step(visible, thermal, labels, epoch):
+        permutations = random_permutations(len(visible), args.num_stripe).to(visible.device)
+        visible = shuffle_stripes(visible, permutations)
+        thermal = shuffle_stripes(thermal, permutations)
         permutations = torch.cat((permutations, permutations))
 
         outputs = model(visible, thermal, detach_embeddings=args.pcc_grad == 'heads')
         perm_loss = permutation_loss(outputs['permutations'], permutations, args.perm_loss)
-        loss = perm_loss
-        pcc_loss = torch.zeros((), device=device)
-        if args.pcc:
-            pcc_loss = pcc_loss_of(outputs['embeddings'], len(visible), args)
-            loss = loss + cl_weight * pcc_loss
-
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+        cl_weight = pcc_weight(epoch, args)
+        pcc_loss = pcc_loss_of(outputs['embeddings'], len(visible), args) if args.pcc else torch.zeros(())
         exact, per_stripe = permutation_accuracy(outputs['permutations'], permutations)
-        for name, value in (('loss', loss.item()), ('perm_loss', perm_loss.item()), ('pcc_loss', pcc_loss.item()),
-                            ('perm_exact', exact), ('perm_stripe', per_stripe)):
-            meters[name].update(value, images_per_step)
-        throughput.update(images_per_step)
-        progress.set_postfix_str(f'loss {meters["loss"].avg:.4f} perm {meters["perm_exact"].avg:.3f} '
-                                 f'lr {optimizer.param_groups[0]["lr"]:.4f} {throughput}')
-        global_step = epoch * len(loader) + step
-        writer.add_scalar('train/loss', loss.item(), global_step)
-        writer.add_scalar('train/perm_loss', perm_loss.item(), global_step)
-        writer.add_scalar('train/pcc_loss', pcc_loss.item(), global_step)
-        writer.add_scalar('train/perm_exact', exact, global_step)
-    stats = {name: meter.avg for name, meter in meters.items()}
-    stats['images_per_second'] = throughput.done / max(time.time() - throughput.start, 1e-9)
-    stats['cl_weight'] = cl_weight
-    return stats
-
-
-def load_training_state(path, args, model, optimizer):
-    """Restore an interrupted run from its training-state file; returns the epoch to start from."""
-    state = utils.load_checkpoint(path)
-    if not isinstance(state, dict) or not {'model', 'optimizer', 'epoch', 'rng', 'args'} <= set(state):
-        raise utils.UserError(f'{path} is not a training-state file of train.py: --resume continues a run '
-                              f'from its <run>_state.t file in --model_path.')
-    shape_flags = ('dataset', 'arch', 'stream', 'num_stripe', 'pcc', 'part', 'perm_input', 'perm_bn')
-    saved = {flag: state['args'].get(flag) for flag in shape_flags}
-    if saved != {flag: getattr(args, flag) for flag in shape_flags}:
-        given = ' '.join(f'--{flag} {value}' for flag, value in saved.items())
-        raise utils.UserError(f'{path} was written by a run with {given}: resume with the same flags.')
-    model.load_state_dict(state['model'])
-    optimizer.load_state_dict(state['optimizer'])
-    utils.set_rng_state(state['rng'])
-    return state['epoch']
+        return perm_loss + cl_weight * pcc_loss, {'perm_loss': perm_loss.item(), 'pcc_loss': pcc_loss.item(),
+                                                  'perm_exact': exact, 'perm_stripe': per_stripe,
+                                                  'cl_weight': cl_weight}
+    return step
 
 
 def main(argv=None):
     """Run pre-training; returns the per-epoch statistics of this invocation."""
     args = get_args_parser().parse_args(argv)
     check_args(args)
-    resume_file = utils.find_checkpoint(args.resume, args.model_path) if args.resume else None
-    device = utils.select_device(args.gpu)
-    utils.set_seed(args.seed)
+    name = run_name(args)
+    run = engine.start_run(args, name, 'MMGL pre-training', state_file=args.resume)
 
     # ---- data: unpaired visible and infrared images, identity labels unused
-    data_path = prepare_dataset(args.dataset, args.data_path, need_train_arrays=args.dataset != 'regdb')
-    transform = train_transform(args.img_h, args.img_w)
-    if args.dataset == 'regdb':
-        trainset = RegDBData(data_path, args.trial, transform)
-    else:
-        trainset = SYSUData(data_path, transform)
+    trainset = engine.training_set(run)
     if args.batch_size > len(trainset.visible_labels):
         raise utils.UserError(f'--batch-size {args.batch_size} is larger than the {len(trainset.visible_labels)} '
                               f'visible training images: lower it.')
     num_samples = args.steps_per_epoch * args.batch_size or None
-    sampler = UnpairedSampler(len(trainset.visible_labels), len(trainset.thermal_labels), num_samples)
-    loader = DataLoader(trainset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                        drop_last=True, pin_memory=device.type == 'cuda')
-    name = run_name(args)
-    logger = utils.make_logger(Path(args.log_path) / f'{name}.log')
-    writer = SummaryWriter(str(Path(args.vis_log_path) / name))
-    logger.info(f'MMGL pre-training {name} on {device}\n{vars(args)}')
-    logger.info(f'{len(trainset.visible_labels)} visible and {len(trainset.thermal_labels)} infrared images '
-                f'from {data_path}; {len(loader)} steps of {args.batch_size}+{args.batch_size} images per epoch')
 
-    # ---- model, optimizer
+    def make_loader(epoch):
+        sampler = UnpairedSampler(len(trainset.visible_labels), len(trainset.thermal_labels), num_samples)
+        return DataLoader(trainset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                          drop_last=True, pin_memory=run.device.type == 'cuda')
+
+    # ---- model, loss, optimizer
     model = MMGLNet(args.arch, args.stream, args.num_stripe, args.part, sinkhorn_iter=args.sinkhorn_iter,
-                    sinkhorn_tau=args.sinkhorn_tau, perm_input=args.perm_input, perm_bn=args.perm_bn).to(device)
-    optimizer = utils.sgd(model.parameters(), args.lr, args.optim)
-    start_epoch = 0
-    if resume_file:
-        start_epoch = load_training_state(resume_file, args, model, optimizer)
-        logger.info(f'resumed {resume_file} at epoch {start_epoch}')
+                    sinkhorn_tau=args.sinkhorn_tau, perm_input=args.perm_input, perm_bn=args.perm_bn).to(run.device)
+    step = make_step(model, args)
+    optimizer = utils.make_optimizer(model.parameters(), args.lr, args.optim)
 
-    # ---- training loop
-    model_path = Path(args.model_path)
-    history = []
-    for epoch in range(start_epoch, args.epochs):
-        utils.set_lr(optimizer, utils.warmup_step_lr(epoch, args.lr, milestones=(20, 50)))
-        start = time.time()
-        stats = train_one_epoch(model, loader, optimizer, args, device, epoch, writer)
-        stats.update(epoch=epoch, steps=(epoch + 1) * len(loader))
-        history.append(stats)
-        logger.info(f'epoch {epoch} lr {optimizer.param_groups[0]["lr"]:.4g} loss {stats["loss"]:.4f} '
-                    f'(perm {stats["perm_loss"]:.4f}, pcc {stats["pcc_loss"]:.4f}) '
-                    f'perm acc exact {stats["perm_exact"]:.4f} per-stripe {stats["perm_stripe"]:.4f} '
-                    f'{stats["images_per_second"]:.1f} img/s {utils.format_seconds(time.time() - start)}')
-        for key, value in stats.items():
-            if key != 'epoch':
-                writer.add_scalar(f'epoch/{key}', value, epoch)
-        writer.add_scalar('epoch/lr', optimizer.param_groups[0]['lr'], epoch)
-
+    # ---- training loop: the plain weights every --save_epoch epochs and after the last
+    def save_weights(epoch, stats):
         done = epoch + 1
-        utils.save_checkpoint({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': done,
-                               'rng': utils.rng_state(), 'args': vars(args)}, model_path / f'{name}_state.t')
         if done % args.save_epoch == 0 or done == args.epochs:
-            weights_file = model_path / f'{name}_epoch_{done}.t'
+            weights_file = run.model_path / f'{name}_epoch_{done}.t'
             utils.save_checkpoint(model.state_dict(), weights_file)
-            logger.info(f'saved {weights_file}')
-    writer.close()
-    return history
+            run.logger.info(f'saved {weights_file}')
+
+    return engine.fit(run, model, optimizer, step, make_loader, milestones=(20, 50), shape_flags=SHAPE_FLAGS,
+                      end_of_epoch=save_weights)
 
 
 if __name__ == '__main__':

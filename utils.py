@@ -141,6 +141,27 @@ def load_checkpoint(path):
         raise UserError(f'{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error}).')
 
 
+def strip_data_parallel(state):
+    """nn.DataParallel and DistributedDataParallel save every key under 'module.': drop that prefix."""
+    if state and all(isinstance(key, str) and key.startswith('module.') for key in state):
+        return {key[len('module.'):]: value for key, value in state.items()}
+    return state
+
+
+def finetune_run_name(args, middle, trial=None):
+    """The public file-name stem of a fine-tuning run: '<dataset>_<middle>', then '_<optim>' unless
+    SGD, '_stream_one' for a one-stem network and '_trial_<trial>' on RegDB (trial: default
+    args.trial; '{trial}' for a pattern). Whether the backbone came from MMGL is not in the name."""
+    name = f'{args.dataset}_{middle}'
+    if args.optim != 'sgd':
+        name += f'_{args.optim}'
+    if getattr(args, 'stream', 'two') == 'one':
+        name += '_stream_one'
+    if args.dataset == 'regdb':
+        name += f'_trial_{args.trial if trial is None else trial}'
+    return name
+
+
 # ----------------------------------------------------------------------------- optimisation
 
 def warmup_step_lr(epoch, base_lr, milestones, warmup_epochs=10):
@@ -156,8 +177,9 @@ def set_lr(optimizer, lr):
         group['lr'] = lr * group.get('lr_scale', 1.0)
 
 
-def sgd(param_groups, lr, optim='sgd'):
-    """SGD with momentum 0.9, Nesterov, weight decay 5e-4, as in the public scripts; `--optim adam` too."""
+def make_optimizer(param_groups, lr, optim='sgd'):
+    """--optim sgd: momentum 0.9, Nesterov, weight decay 5e-4, as in the public scripts; adam: Adam with
+    the same weight decay."""
     if optim == 'sgd':
         return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     if optim == 'adam':

@@ -15,7 +15,11 @@ so public AGW checkpoints load here and these load in the public code.
 import torch.nn as nn
 import torch.nn.functional as F
 
+import utils
 from model import TwoStreamBackbone, bnneck_and_classifier
+
+# The two eval-mode outputs of embed_net, in order: pooled feature, BNNeck feature.
+FEATURES = ('pool', 'fc')
 
 # Non-local blocks per stage with no_local='on', placed after the last that many blocks of the
 # stage: for ResNet-50 (3, 4, 6, 3 blocks) after blocks 2, 3 of layer2 and 3, 4, 5 of layer3.
@@ -123,3 +127,16 @@ class embed_net(TwoStreamBackbone):
         backbone = [parameter for parameter in self.parameters() if id(parameter) not in head_ids]
         return [{'params': backbone, 'lr': 0.1 * lr, 'lr_scale': 0.1},
                 {'params': head, 'lr': lr, 'lr_scale': 1.0}]
+
+
+def build_net(class_num, method, arch, stream='two'):
+    """The network of --method agw (non-local blocks, GeM pooling) or base (neither)."""
+    switch = 'on' if method == 'agw' else 'off'
+    return embed_net(class_num, no_local=switch, gm_pool=switch, arch=arch, stream=stream)
+
+
+def run_name(args, trial=None):
+    """The public name of an AGW run, <dataset>_<method>_p<num_pos>_n<batch-size>_lr_<lr>_seed_<seed>
+    and the suffixes of utils.finetune_run_name, e.g. sysu_agw_p4_n8_lr_0.1_seed_0."""
+    return utils.finetune_run_name(
+        args, f'{args.method}_p{args.num_pos}_n{args.batch_size}_lr_{args.lr}_seed_{args.seed}', trial)

@@ -24,13 +24,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import finetune  # noqa: E402
+import evaluator  # noqa: E402
 import utils  # noqa: E402
-from AGW.train import FEATURES, agw_run_name, build_net  # noqa: E402
+from AGW.agw_model import FEATURES, build_net, run_name  # noqa: E402
 
 
 def get_args_parser():
-    parser = finetune.test_args_parser('Evaluate AGW fine-tuned checkpoints')
+    parser = evaluator.test_args_parser('Evaluate AGW fine-tuned checkpoints')
     parser.add_argument('--method', default='agw', choices=['agw', 'base'], help='the network the checkpoint holds')
     return parser
 
@@ -38,8 +38,8 @@ def get_args_parser():
 def main(argv=None):
     """Evaluate; returns {'pool' | 'fc': {'trials': [(cmc, mAP, mINP)], 'cmc', 'mAP', 'mINP'}} (averages)."""
     args = get_args_parser().parse_args(argv)
-    default = agw_run_name(args, trial='{trial}') + '_best.t'
-    return finetune.run_test(args, lambda class_num, arch: build_net(class_num, args.method, arch),
+    default = run_name(args, trial='{trial}') + '_best.t'
+    return evaluator.run_test(args, lambda class_num, arch: build_net(class_num, args.method, arch),
                              FEATURES, default)
 
 

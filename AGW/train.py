@@ -27,41 +27,31 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch.nn as nn  # noqa: E402
 
+import engine  # noqa: E402
 import finetune  # noqa: E402
 import utils  # noqa: E402
-from AGW.agw_model import embed_net  # noqa: E402
+from AGW.agw_model import FEATURES, build_net, run_name  # noqa: E402
+from evaluator import Evaluator  # noqa: E402
 from loss import OriTripletLoss, TripletLoss_WRT  # noqa: E402
 
-# The two eval-mode outputs of embed_net, in order: pooled feature, BNNeck feature.
-FEATURES = ('pool', 'fc')
 # Flags a --resume_state run must share with the run that wrote the state.
 SHAPE_FLAGS = ('dataset', 'trial', 'arch', 'stream', 'method')
 
 
 def get_args_parser():
-    parser = finetune.train_args_parser('AGW fine-tuning for visible-infrared re-identification')
+    parser = finetune.get_args_parser('AGW fine-tuning for visible-infrared re-identification')
     parser.add_argument('--method', default='agw', choices=['agw', 'base'],
                         help='agw: non-local blocks, GeM pooling, weighted regularised triplet; '
                              'base: average pooling, batch-hard triplet with --margin')
     return parser
 
 
-def agw_run_name(args, trial=None):
-    return finetune.run_name(
-        args, f'{args.method}_p{args.num_pos}_n{args.batch_size}_lr_{args.lr}_seed_{args.seed}', trial)
-
-
-def build_net(class_num, method, arch, stream='two'):
-    switch = 'on' if method == 'agw' else 'off'
-    return embed_net(class_num, no_local=switch, gm_pool=switch, arch=arch, stream=stream)
-
-
 def make_step(net, method, margin):
-    """The AGW training step: identity cross-entropy + triplet loss, for finetune.train_one_epoch."""
+    """The AGW training step (see engine): identity cross-entropy + triplet loss."""
     criterion_id = nn.CrossEntropyLoss()
     criterion_tri = TripletLoss_WRT() if method == 'agw' else OriTripletLoss(margin)
 
-    def step(visible, thermal, labels):
+    def step(visible, thermal, labels, epoch):
         feat, logits = net(visible, thermal)
         loss_id = criterion_id(logits, labels)
         loss_tri, _ = criterion_tri(feat, labels)
@@ -73,19 +63,18 @@ def make_step(net, method, margin):
 def main(argv=None):
     """Fine-tune; returns finetune.fit's per-epoch statistics of this invocation."""
     args = get_args_parser().parse_args(argv)
-    name = agw_run_name(args)
-    run = finetune.start_run(args, name, f'AGW fine-tuning ({args.method})')
-    trainset = finetune.training_set(run)
+    run = finetune.start_run(args, run_name(args), f'AGW fine-tuning ({args.method})')
+    trainset = engine.training_set(run)
     class_num = finetune.class_count(trainset)
 
     net = build_net(class_num, args.method, args.arch, args.stream).to(run.device)
     finetune.initialise(run, net)
     run.logger.info(f'{args.arch} {args.stream}-stream {args.method} network, {class_num} training identities')
 
-    optimizer = utils.sgd(net.optimizer_groups(args.lr), args.lr, args.optim)
     step = make_step(net, args.method, args.margin)
-    evaluator = finetune.Evaluator.from_args(args, run.data_path, run.device, FEATURES)
-    return finetune.fit(run, net, optimizer, trainset, step, evaluator, select='fc', shape_flags=SHAPE_FLAGS)
+    optimizer = utils.make_optimizer(net.optimizer_groups(args.lr), args.lr, args.optim)
+    evaluator = Evaluator.from_args(args, run.data_path, run.device, FEATURES)
+    return finetune.fit(run, net, optimizer, step, trainset, evaluator, select='fc', shape_flags=SHAPE_FLAGS)
 
 
 if __name__ == '__main__':

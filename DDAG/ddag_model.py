@@ -21,7 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import utils
 from model import TwoStreamBackbone, bnneck_and_classifier
+
+# The two eval-mode outputs of embed_net, in order: BNNeck feature, part-attention feature.
+FEATURES = ('fc', 'att')
 
 
 def identity_adjacency(labels):
@@ -170,3 +174,36 @@ class embed_net(TwoStreamBackbone):
         return [{'params': backbone, 'lr': 0.1 * lr, 'lr_scale': 0.1},
                 {'params': head, 'lr': lr, 'lr_scale': 1.0},
                 {'params': attention, 'lr': lr, 'lr_scale': 1.0}]
+
+
+def add_network_flags(parser):
+    """The flags that shape the DDAG network (train_ddag.py and test_ddag.py) and name the run."""
+    parser.add_argument('--wpa', action='store_true', help='add the weighted part attention (IWPA) branch and its loss')
+    parser.add_argument('--graph', action='store_true',
+                        help='train the cross-modality graph attention with the graph loss (weight wG)')
+    parser.add_argument('--part', default=3, type=int, help='horizontal stripes of the part attention')
+    parser.add_argument('--low-dim', default=512, type=int, dest='low_dim', help='width of each graph attention head')
+    parser.add_argument('--nheads', default=4, type=int, help='graph attention heads')
+    parser.add_argument('--drop', default=0.2, type=float, help='dropout of the graph attention')
+    return parser
+
+
+def build_net(class_num, args, arch, stream='two'):
+    """The network the flags of add_network_flags (and --alpha, when given) describe."""
+    for flag, option in (('part', '--part'), ('low_dim', '--low-dim'), ('nheads', '--nheads')):
+        if getattr(args, flag) < 1:
+            raise utils.UserError(f'{option} must be at least 1, got {getattr(args, flag)}.')
+    return embed_net(args.low_dim, class_num, drop=args.drop, part=args.part, alpha=getattr(args, 'alpha', 0.2),
+                     nheads=args.nheads, arch=arch, wpa=args.wpa, stream=stream)
+
+
+def run_name(args, trial=None):
+    """The public name of a DDAG run, <dataset>[_G][_P_<part>]_drop_<drop>_<num_pos>_<batch-size>_lr_<lr>_seed_<seed>
+    and the suffixes of utils.finetune_run_name, e.g. sysu_G_P_3_drop_0.2_4_8_lr_0.1_seed_0."""
+    middle = ''
+    if args.graph:
+        middle += 'G_'
+    if args.wpa:
+        middle += f'P_{args.part}_'
+    middle += f'drop_{args.drop}_{args.num_pos}_{args.batch_size}_lr_{args.lr}_seed_{args.seed}'
+    return utils.finetune_run_name(args, middle, trial)

@@ -27,16 +27,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import finetune  # noqa: E402
+import evaluator  # noqa: E402
 import utils  # noqa: E402
-from DDAG.train_ddag import FEATURES, add_network_flags, build_net, ddag_run_name  # noqa: E402
+from DDAG.ddag_model import FEATURES, add_network_flags, build_net, run_name  # noqa: E402
 
 # Tensors of public DDAG checkpoints that its forward never reads.
 PUBLIC_UNUSED = ('classifier1.', 'classifier2.', 'wpa.W.')
 
 
 def get_args_parser():
-    parser = finetune.test_args_parser('Evaluate DDAG fine-tuned checkpoints')
+    parser = evaluator.test_args_parser('Evaluate DDAG fine-tuned checkpoints')
     add_network_flags(parser)
     return parser
 
@@ -44,8 +44,8 @@ def get_args_parser():
 def main(argv=None):
     """Evaluate; returns {'fc' | 'att': {'trials': [(cmc, mAP, mINP)], 'cmc', 'mAP', 'mINP'}} (averages)."""
     args = get_args_parser().parse_args(argv)
-    default = ddag_run_name(args, trial='{trial}') + '_best.t'
-    return finetune.run_test(args, lambda class_num, arch: build_net(class_num, args, arch), FEATURES, default,
+    default = run_name(args, trial='{trial}') + '_best.t'
+    return evaluator.run_test(args, lambda class_num, arch: build_net(class_num, args, arch), FEATURES, default,
                              unused_prefixes=PUBLIC_UNUSED)
 
 

@@ -48,13 +48,13 @@ if str(REPO_ROOT) not in sys.path:
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import engine  # noqa: E402
 import finetune  # noqa: E402
 import utils  # noqa: E402
-from DDAG.ddag_model import embed_net, identity_adjacency  # noqa: E402
+from DDAG.ddag_model import FEATURES, add_network_flags, build_net, identity_adjacency, run_name  # noqa: E402
+from evaluator import Evaluator  # noqa: E402
 from loss import OriTripletLoss  # noqa: E402
 
-# The two eval-mode outputs of embed_net, in order: BNNeck feature, part-attention feature.
-FEATURES = ('fc', 'att')
 # The feature whose Rank-1 selects <run>_best.t (the public code keeps the best attention feature).
 SELECT = 'att'
 # Flags a --resume_state run must share with the run that wrote the state.
@@ -65,21 +65,9 @@ SHAPE_FLAGS = ('dataset', 'trial', 'arch', 'stream', 'wpa', 'part', 'graph', 'lo
 MMGL_LR_STEPS = (30, 50)
 
 
-def add_network_flags(parser):
-    """The flags that shape the DDAG network (shared with test_ddag.py) and name the run."""
-    parser.add_argument('--wpa', action='store_true', help='add the weighted part attention (IWPA) branch and its loss')
-    parser.add_argument('--graph', action='store_true',
-                        help='train the cross-modality graph attention with the graph loss (weight wG)')
-    parser.add_argument('--part', default=3, type=int, help='horizontal stripes of the part attention')
-    parser.add_argument('--low-dim', default=512, type=int, dest='low_dim', help='width of each graph attention head')
-    parser.add_argument('--nheads', default=4, type=int, help='graph attention heads')
-    parser.add_argument('--drop', default=0.2, type=float, help='dropout of the graph attention')
-    return parser
-
-
 def get_args_parser():
-    parser = finetune.train_args_parser('DDAG fine-tuning for visible-infrared re-identification',
-                                        vis_log_path='log/vis_log_ddag/')
+    parser = finetune.get_args_parser('DDAG fine-tuning for visible-infrared re-identification',
+                                      vis_log_path='log/vis_log_ddag/')
     add_network_flags(parser)
     parser.add_argument('--alpha', default=0.2, type=float, help='LeakyReLU slope of the graph attention')
     parser.add_argument('--lambda0', default=1.0, type=float,
@@ -90,65 +78,61 @@ def get_args_parser():
     return parser
 
 
-def ddag_run_name(args, trial=None):
-    middle = ''
-    if args.graph:
-        middle += 'G_'
-    if args.wpa:
-        middle += f'P_{args.part}_'
-    middle += f'drop_{args.drop}_{args.num_pos}_{args.batch_size}_lr_{args.lr}_seed_{args.seed}'
-    return finetune.run_name(args, middle, trial)
-
-
-def build_net(class_num, args, arch, stream='two'):
-    for flag, option in (('part', '--part'), ('low_dim', '--low-dim'), ('nheads', '--nheads')):
-        if getattr(args, flag) < 1:
-            raise utils.UserError(f'{option} must be at least 1, got {getattr(args, flag)}.')
-    return embed_net(args.low_dim, class_num, drop=args.drop, part=args.part, alpha=getattr(args, 'alpha', 0.2),
-                     nheads=args.nheads, arch=arch, wpa=args.wpa, stream=stream)
-
-
 def graph_weight(instance_loss):
     """The public adaptive weight of the graph loss after an epoch: 1 / (1 + mean instance loss)."""
     return 1.0 / (1.0 + instance_loss)
 
 
-def make_step(net, args, weights):
-    """The DDAG training step for finetune.train_one_epoch. weights['wG'] is read at every step (the
-    caller updates it between epochs); args.lambda0 multiplies it."""
-    criterion_id = nn.CrossEntropyLoss()
-    criterion_tri = OriTripletLoss(args.margin)
+class DDAGLoss:
+    """The DDAG training step (see engine) and the graph-loss weight wG it carries from epoch to
+    epoch: 0 during the first epoch, then graph_weight of the previous epoch's mean instance loss
+    (end_epoch). Its state_dict holds wG, so a resumed run goes on with the weight it had."""
 
-    def step(visible, thermal, labels):
-        adjacency = identity_adjacency(labels) if args.graph else None
-        pooled, logits, attention_logits, graph_log_probs = net(visible, thermal, adjacency=adjacency)
-        loss_id = criterion_id(logits, labels)
-        loss_tri, _ = criterion_tri(pooled, labels)
+    def __init__(self, net, args):
+        self.net, self.graph, self.lambda0 = net, args.graph, args.lambda0
+        self.criterion_id = nn.CrossEntropyLoss()
+        self.criterion_tri = OriTripletLoss(args.margin)
+        self.wG = 0.0
+
+    def __call__(self, visible, thermal, labels, epoch):
+        adjacency = identity_adjacency(labels) if self.graph else None
+        pooled, logits, attention_logits, graph_log_probs = self.net(visible, thermal, adjacency=adjacency)
+        loss_id = self.criterion_id(logits, labels)
+        loss_tri, _ = self.criterion_tri(pooled, labels)
         instance = loss_id + loss_tri
         values = {'id_loss': loss_id.item(), 'tri_loss': loss_tri.item()}
         if attention_logits is not None:
-            loss_part = criterion_id(attention_logits, labels)
+            loss_part = self.criterion_id(attention_logits, labels)
             instance = instance + loss_part
             values['part_loss'] = loss_part.item()
         values['instance_loss'] = instance.item()
         total = instance
         if graph_log_probs is not None:
             loss_graph = F.nll_loss(graph_log_probs, labels)
-            weight = args.lambda0 * weights['wG']
+            weight = self.lambda0 * self.wG
             total = instance + weight * loss_graph
             values.update(graph_loss=loss_graph.item(), graph_weight=weight)
         values['accuracy'] = (logits.argmax(dim=1) == labels).float().mean().item()
         return total, values
-    return step
+
+    def end_epoch(self, epoch, stats):
+        """Set wG from the epoch's mean instance loss (the public code leaves the graph loss out)."""
+        self.wG = graph_weight(stats['instance_loss'])
+        stats['wG'] = self.wG
+
+    def state_dict(self):
+        return {'wG': self.wG}
+
+    def load_state_dict(self, state):
+        self.wG = float(state['wG'])
 
 
 def main(argv=None):
     """Fine-tune; returns finetune.fit's per-epoch statistics of this invocation, each with 'wG',
     the graph-loss weight set after that epoch."""
     args = get_args_parser().parse_args(argv)
-    name = ddag_run_name(args)
-    run = finetune.start_run(args, name, 'DDAG fine-tuning')
-    trainset = finetune.training_set(run)
+    run = finetune.start_run(args, run_name(args), 'DDAG fine-tuning')
+    trainset = engine.training_set(run)
     class_num = finetune.class_count(trainset)
 
     net = build_net(class_num, args, args.arch, args.stream).to(run.device)
@@ -157,17 +141,16 @@ def main(argv=None):
     run.logger.info(f'{args.arch} {args.stream}-stream DDAG network ({branches or "no attention branch"}), '
                     f'{class_num} training identities')
 
-    optimizer = utils.sgd(net.optimizer_groups(args.lr), args.lr, args.optim)
-    weights = {'wG': 0.0}  # restored from --resume_state by fit
+    step = DDAGLoss(net, args)
+    optimizer = utils.make_optimizer(net.optimizer_groups(args.lr), args.lr, args.optim)
+    evaluator = Evaluator.from_args(args, run.data_path, run.device, FEATURES)
 
-    def after_epoch(epoch, stats):
-        weights['wG'] = graph_weight(stats['instance_loss'])
-        stats['wG'] = weights['wG']
+    def update_graph_weight(epoch, stats):
+        step.end_epoch(epoch, stats)
+        run.logger.info(f'  graph-loss weight wG {step.wG:.4g} from epoch {epoch + 1}')
 
-    step = make_step(net, args, weights)
-    evaluator = finetune.Evaluator.from_args(args, run.data_path, run.device, FEATURES)
-    return finetune.fit(run, net, optimizer, trainset, step, evaluator, select=SELECT, shape_flags=SHAPE_FLAGS,
-                        milestones=args.lr_steps, extra=weights, after_epoch=after_epoch)
+    return finetune.fit(run, net, optimizer, step, trainset, evaluator, select=SELECT, shape_flags=SHAPE_FLAGS,
+                        milestones=args.lr_steps, end_of_epoch=update_graph_weight, ddag_loss=step)
 
 
 if __name__ == '__main__':

@@ -61,7 +61,7 @@ def run(name, args):
     """Pre-train (unless `name` is RANDOM), fine-tune AGW and test it; runs in a worker process."""
     import torch
     import train as mmgl_train
-    from AGW import test as agw_test, train as agw_train
+    from AGW import agw_model, test as agw_test, train as agw_train
 
     torch.set_num_threads(args.threads)
     folder = Path(args.out) / name.replace(' + ', '_').replace(' ', '_')
@@ -82,7 +82,7 @@ def run(name, args):
                            '--model_path', str(folder), '--log_path', str(folder), '--vis_log_path', str(folder / 'vis'),
                            *resume]
         quietly(folder / 'finetune.txt', agw_train.main, finetune)
-        best = folder / f'{agw_train.agw_run_name(agw_train.get_args_parser().parse_args(finetune))}_best.t'
+        best = folder / f'{agw_model.run_name(agw_train.get_args_parser().parse_args(finetune))}_best.t'
         scores = quietly(folder / 'test.txt', agw_test.main, data + ['--resume', str(best)])
     except (Exception, SystemExit) as error:
         with open(folder / 'error.txt', 'w') as log:
@@ -110,7 +110,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from data_manager import prepare_dataset
+    from data_loader import prepare_dataset
     prepare_dataset('synthetic', args.data_path)
     names = [RANDOM, *PRETRAINING]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context('spawn')) as pool:

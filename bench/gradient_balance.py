@@ -19,8 +19,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import utils  # noqa: E402
-from data_loader import SYSUData, UnpairedSampler, train_transform  # noqa: E402
-from data_manager import prepare_dataset  # noqa: E402
+from data_loader import SYSUData, UnpairedSampler, prepare_dataset, train_transform  # noqa: E402
 from loss import (cycle_contrastive_loss, figure_contrastive_loss, permutation_loss, random_permutations,  # noqa: E402
                   shuffle_stripes)
 from model import ARCHS, PERM_INPUTS, MMGLNet  # noqa: E402

@@ -179,7 +179,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Data are prepared once, before the workers start (the synthetic set is generated on first use).
-    from data_manager import prepare_dataset
+    from data_loader import prepare_dataset
     prepare_dataset(args.dataset, args.data_path, need_train_arrays=args.dataset != 'regdb')
 
     results_file = out / 'results.json'

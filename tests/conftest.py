@@ -13,7 +13,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import synthetic  # noqa: E402
-from data_manager import prepare_dataset, read_split_ids  # noqa: E402
+from data_loader import prepare_dataset  # noqa: E402
+from data_manager import read_split_ids  # noqa: E402
 from pre_process_sysu import preprocess_sysu  # noqa: E402
 
 # Small enough to generate in about a second; twelve gallery images per folder so that multi-shot

@@ -8,8 +8,7 @@ import torchvision
 import utils
 from AGW.agw_model import NonLocal, embed_net, gem_pool
 from model import MMGLNet
-from tests.shared_checks import assert_mmgl_backbone_fills_every_backbone_tensor
-from tests.test_model_loss import BN_KEYS, public_agw_backbone_keys
+from tests.helpers import BN_KEYS, assert_mmgl_backbone_fills_every_backbone_tensor, public_agw_backbone_keys, randomised
 
 # The public AGW network with non-local on: 2 blocks in layer2 (512 channels), 3 in layer3 (1024).
 PUBLIC_NON_LOCAL = {'NL_2': (2, 512), 'NL_3': (3, 1024)}
@@ -261,10 +260,7 @@ def test_load_backbone_reports_loaded_missing_and_ignored_tensors():
     assert torch.equal(model.state_dict()['base_resnet.base.layer2.0.conv1.weight'], before)
 
     # the public whole-ResNet leftovers are counted as ignored, and the backbone still loads
-    public, leftovers = whole_resnet_keys(MMGLNet('resnet18').state_dict())
-    for value in public.values():
-        if value.is_floating_point():
-            value.uniform_()
+    public, leftovers = whole_resnet_keys(randomised(MMGLNet('resnet18').state_dict()))
     report = model.load_backbone(public)
     assert report.loaded == expected and report.missing == [] and report.ignored == leftovers
     state = model.state_dict()

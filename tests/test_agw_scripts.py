@@ -18,21 +18,14 @@ from AGW.agw_model import embed_net
 import data_loader
 from data_loader import CrossModalityData, IdentitySampler
 from data_manager import read_split_ids
-from model import BACKBONE_PREFIXES, MMGLNet
-from tests.shared_checks import assert_results_equal_eval_metrics
+from evaluator import load_finetuned
+from model import MMGLNet
+from tests.helpers import assert_results_equal_eval_metrics, backbone_keys, eval_args, randomised, run_args
 from utils import REPO_ROOT, UserError
-
-SIZE = ('--img_h', '48', '--img_w', '24')
 
 
 def train_args(tmp_path, data_path, *extra, dataset='synthetic'):
-    return ['--dataset', dataset, '--data_path', str(data_path), '--arch', 'resnet18', *SIZE, '--workers', '0',
-            '--model_path', str(tmp_path / 'save_model'), '--log_path', str(tmp_path / 'log'),
-            '--vis_log_path', str(tmp_path / 'log' / 'vis'), *extra]
-
-
-def eval_args(data_path, *extra, dataset='synthetic'):
-    return ['--dataset', dataset, '--data_path', str(data_path), *SIZE, '--workers', '0', *extra]
+    return run_args(tmp_path, data_path, '--arch', 'resnet18', *extra, dataset=dataset)
 
 
 @pytest.fixture(scope='module')
@@ -77,17 +70,6 @@ def test_identity_sampler_batches_hold_identities_times_positives_with_matching_
 
 
 # ----------------------------------------------------------------------------- pre-trained checkpoints
-
-def backbone_keys(net):
-    return sorted(key for key in net.state_dict() if key.startswith(BACKBONE_PREFIXES))
-
-
-def randomised(state):
-    for value in state.values():
-        if value.is_floating_point():
-            value.uniform_()
-    return state
-
 
 @pytest.mark.parametrize('stream', ['two', 'one'])
 def test_pretraining_checkpoints_fill_the_backbone_and_report_counts(tmp_path, stream):
@@ -184,11 +166,11 @@ def test_load_finetuned_takes_public_checkpoints_and_refuses_other_networks(tmp_
 
     def build(class_num, arch):
         return embed_net(class_num, arch=arch)
-    net, checkpoint = finetune.load_finetuned(tmp_path / 'public_best.t', build)
+    net, checkpoint = load_finetuned(tmp_path / 'public_best.t', build)
     assert net.classifier.out_features == 9 and net.arch == 'resnet18' and checkpoint['epoch'] == 7
     assert all(torch.equal(net.state_dict()[key], value) for key, value in trained.items())
     with pytest.raises(UserError, match='does not fit'):
-        finetune.load_finetuned(tmp_path / 'public_best.t', lambda n, arch: embed_net(n, 'off', 'off', arch=arch))
+        load_finetuned(tmp_path / 'public_best.t', lambda n, arch: embed_net(n, 'off', 'off', arch=arch))
 
 
 # ----------------------------------------------------------------------------- fine-tuning and testing
@@ -261,7 +243,7 @@ def test_resume_state_continues_exactly_where_the_run_stopped(tmp_path, sysu_pre
     state = torch.load(interrupted / 'save_model' / f'{name}_state.t', weights_only=False)
     assert state['epoch'] == 2
 
-    with pytest.raises(UserError, match='not a fine-tuning state file'):
+    with pytest.raises(UserError, match='not a training-state file'):
         agw_train.main(train_args(interrupted, sysu_preprocessed, *common, '--epochs', '3',
                                   '--resume_state', f'{name}_epoch_1.t'))
     with pytest.raises(UserError, match='resume with the same flags'):

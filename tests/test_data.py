@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 import data_loader  # TestData and test_transform are used through the module: pytest would collect them
 import synthetic
-from data_loader import CrossModalityData, RegDBData, SYSUData, UnpairedSampler, train_transform
-from data_manager import (TRAIN_ARRAY_NAMES, parse_sysu_path, prepare_dataset, process_gallery_sysu,
+from data_loader import CrossModalityData, RegDBData, SYSUData, UnpairedSampler, prepare_dataset, train_transform
+from data_manager import (TRAIN_ARRAY_NAMES, parse_sysu_path, process_gallery_sysu,
                           process_query_sysu, process_test_regdb, read_regdb_index, read_split_ids)
 from pre_process_sysu import preprocess_sysu
 from utils import UserError

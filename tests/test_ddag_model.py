@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 import utils
 from DDAG.ddag_model import GraphAttentionLayer, WeightedPartAttention, embed_net, identity_adjacency
-from tests.shared_checks import assert_mmgl_backbone_fills_every_backbone_tensor
-from tests.test_model_loss import BN_KEYS, public_agw_backbone_keys
+from tests.helpers import BN_KEYS, assert_mmgl_backbone_fills_every_backbone_tensor, public_agw_backbone_keys
 
 
 def batch_norm_shapes(prefix, channels):

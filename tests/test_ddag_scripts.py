@@ -9,15 +9,14 @@ import torch
 
 import DDAG.test_ddag as ddag_test
 import DDAG.train_ddag as ddag_train
-import finetune
 import utils
-from DDAG.ddag_model import embed_net
+from DDAG.ddag_model import build_net, embed_net, run_name
 from data_manager import read_split_ids
-from model import BACKBONE_PREFIXES, MMGLNet
-from tests.shared_checks import assert_results_equal_eval_metrics
+from evaluator import load_finetuned
+from model import MMGLNet
+from tests.helpers import assert_results_equal_eval_metrics, backbone_keys, eval_args, run_args
 from utils import REPO_ROOT, UserError
 
-SIZE = ('--img_h', '48', '--img_w', '24')
 # A small graph attention keeps the tests quick; the public sizes are --low-dim 512 --nheads 4.
 SMALL = ('--arch', 'resnet18', '--low-dim', '32', '--nheads', '2')
 
@@ -33,14 +32,11 @@ def one_thread():
 
 
 def train_args(tmp_path, data_path, *extra, dataset='synthetic'):
-    return ['--dataset', dataset, '--data_path', str(data_path), *SMALL, *SIZE, '--workers', '0',
-            '--model_path', str(tmp_path / 'save_model'), '--log_path', str(tmp_path / 'log'),
-            '--vis_log_path', str(tmp_path / 'log' / 'vis'), *extra]
+    return run_args(tmp_path, data_path, *SMALL, *extra, dataset=dataset)
 
 
-def eval_args(data_path, *extra, dataset='synthetic'):
-    return ['--dataset', dataset, '--data_path', str(data_path), '--low-dim', '32', '--nheads', '2', *SIZE,
-            '--workers', '0', *extra]
+def ddag_eval_args(data_path, *extra, dataset='synthetic'):
+    return eval_args(data_path, '--low-dim', '32', '--nheads', '2', *extra, dataset=dataset)
 
 
 @pytest.fixture(scope='module')
@@ -52,14 +48,10 @@ def finetuned(tmp_path_factory, seen_ids_tree):
     return folder, 'synthetic_G_P_3_drop_0.2_4_6_lr_0.05_seed_0', history
 
 
-def backbone_keys(net):
-    return sorted(key for key in net.state_dict() if key.startswith(BACKBONE_PREFIXES))
-
-
 def test_run_names_follow_the_public_script():
     parse = ddag_train.get_args_parser().parse_args
-    assert ddag_train.ddag_run_name(parse(['--wpa', '--graph'])) == 'sysu_G_P_3_drop_0.2_4_8_lr_0.1_seed_0'
-    assert ddag_train.ddag_run_name(parse(['--dataset', 'regdb', '--trial', '3', '--optim', 'adam'])) == \
+    assert run_name(parse(['--wpa', '--graph'])) == 'sysu_G_P_3_drop_0.2_4_8_lr_0.1_seed_0'
+    assert run_name(parse(['--dataset', 'regdb', '--trial', '3', '--optim', 'adam'])) == \
         'regdb_drop_0.2_4_8_lr_0.1_seed_0_adam_trial_3'
     args = parse([])
     assert (args.lr, args.margin, args.lambda0, args.epochs, args.vis_log_path) == (0.1, 0.3, 1.0, 81, 'log/vis_log_ddag/')
@@ -136,7 +128,7 @@ def test_short_finetuning_with_both_attentions_learns_and_adapts_the_graph_weigh
     assert best['cmc'][0].item() == pytest.approx(best_rank1)  # selected on the attention feature, as public
     assert utils.load_checkpoint(folder / 'save_model' / f'{name}_epoch_7.t')['epoch'] == 7
     state = torch.load(folder / 'save_model' / f'{name}_state.t', weights_only=False)
-    assert state['extra']['wG'] == pytest.approx(history[-1]['wG'])
+    assert state['ddag_loss']['wG'] == pytest.approx(history[-1]['wG'])
     log = (folder / 'log' / f'{name}.log').read_text()
     assert 'graph_loss' in log and ' wG ' in log and 'FC:' in log and 'ATT:' in log
     events = b''.join(path.read_bytes() for path in (folder / 'log' / 'vis' / name).glob('events.out.tfevents.*'))
@@ -159,7 +151,7 @@ def test_one_stream_mmgl_checkpoint_and_no_graph_branch(tmp_path, sysu_preproces
 def test_test_script_reports_what_eval_metrics_gives_on_the_same_features(finetuned, seen_ids_tree, capsys):
     folder, name, _ = finetuned
     # the default checkpoint: <run>_best.t of the naming flags; one image per batch, as computed by hand below
-    results = ddag_test.main(eval_args(seen_ids_tree, '--model_path', str(folder / 'save_model'), '--wpa', '--graph',
+    results = ddag_test.main(ddag_eval_args(seen_ids_tree, '--model_path', str(folder / 'save_model'), '--wpa', '--graph',
                                        '--batch-size', '6', '--lr', '0.05', '--test-batch', '1'))
     printed = capsys.readouterr().out
     assert 'FC:' in printed and 'ATT:' in printed and 'All Average (10 trials' in printed
@@ -173,10 +165,10 @@ def test_test_script_reports_what_eval_metrics_gives_on_the_same_features(finetu
 
     # a network of other flags than the checkpoint's is refused
     with pytest.raises(UserError, match='does not fit the network'):
-        ddag_test.main(eval_args(seen_ids_tree, '--resume', str(best)))  # no --wpa
+        ddag_test.main(ddag_eval_args(seen_ids_tree, '--resume', str(best)))  # no --wpa
     with pytest.raises(UserError, match='not a fine-tuned checkpoint'):
         torch.save(MMGLNet('resnet18').state_dict(), folder / 'mmgl.t')
-        ddag_test.main(eval_args(seen_ids_tree, '--resume', str(folder / 'mmgl.t'), '--wpa'))
+        ddag_test.main(ddag_eval_args(seen_ids_tree, '--resume', str(folder / 'mmgl.t'), '--wpa'))
 
 
 def test_public_checkpoints_load_without_their_unused_tensors(tmp_path):
@@ -185,8 +177,8 @@ def test_public_checkpoints_load_without_their_unused_tensors(tmp_path):
               'wpa.W.0.weight': torch.zeros(512, 512, 1, 1)}
     torch.save({'net': public, 'cmc': np.zeros(20), 'mAP': 0.5, 'epoch': 7}, tmp_path / 'public_best.t')
     args = ddag_test.get_args_parser().parse_args(['--wpa', '--low-dim', '32', '--nheads', '2'])
-    loaded, checkpoint = finetune.load_finetuned(tmp_path / 'public_best.t',
-                                                 lambda n, arch: ddag_train.build_net(n, args, arch),
+    loaded, checkpoint = load_finetuned(tmp_path / 'public_best.t',
+                                                 lambda n, arch: build_net(n, args, arch),
                                                  unused_prefixes=ddag_test.PUBLIC_UNUSED)
     assert checkpoint['epoch'] == 7 and loaded.classifier.out_features == 9
     assert all(torch.equal(loaded.state_dict()[key], value) for key, value in net.state_dict().items())
@@ -227,7 +219,7 @@ def test_regdb_training_and_testing_of_one_split(tmp_path, regdb_tree):
     assert 'scores' in history[-1] and history[-1]['wG'] > 0
     name = 'regdb_G_P_3_drop_0.2_2_3_lr_0.1_seed_0_trial_2'
     assert (tmp_path / 'save_model' / f'{name}_best.t').is_file()
-    args = eval_args(regdb_tree, '--model_path', str(tmp_path / 'save_model'), '--num_pos', '2', '--batch-size', '3',
+    args = ddag_eval_args(regdb_tree, '--model_path', str(tmp_path / 'save_model'), '--num_pos', '2', '--batch-size', '3',
                      '--wpa', '--graph', '--trial', '2', dataset='regdb')
     one = ddag_test.main(args)
     assert len(one['att']['trials']) == 1 and one['att']['cmc'][0] == pytest.approx(one['att']['trials'][0][0][0])

@@ -8,29 +8,7 @@ import torch.nn.functional as F
 from loss import (cycle_contrastive_loss, decode_permutations, figure_contrastive_loss, permutation_accuracy,
                   permutation_loss, permutation_matrices, random_permutations, shuffle_stripes, soft_neighbours)
 from model import MMGLNet, TwoStreamBackbone, backbone_state_dict, mmgl_config, sinkhorn
-
-BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
-
-
-def public_agw_backbone_keys(blocks=(3, 4, 6, 3)):
-    """The backbone keys the public AGW/DDAG networks use, written out from their module names:
-    a stem per modality (visible_module.visible / thermal_module.thermal) and the shared
-    base_resnet.base.layer1..4 of ResNet-50 bottlenecks."""
-    keys = set()
-    for stem in ('visible_module.visible', 'thermal_module.thermal'):
-        keys.add(f'{stem}.conv1.weight')
-        keys.update(f'{stem}.bn1.{name}' for name in BN_KEYS)
-    for layer, num_blocks in enumerate(blocks, start=1):
-        for block in range(num_blocks):
-            prefix = f'base_resnet.base.layer{layer}.{block}'
-            for index in (1, 2, 3):
-                keys.add(f'{prefix}.conv{index}.weight')
-                keys.update(f'{prefix}.bn{index}.{name}' for name in BN_KEYS)
-            if block == 0:
-                keys.add(f'{prefix}.downsample.0.weight')
-                keys.update(f'{prefix}.downsample.1.{name}' for name in BN_KEYS)
-    return keys
-
+from tests.helpers import public_agw_backbone_keys
 
 @pytest.mark.parametrize('stream', ['one', 'two'])
 def test_backbone_keys_are_the_public_agw_names(stream):

@@ -19,11 +19,10 @@ from AGW.agw_model import embed_net as agw_net
 from DDAG.ddag_model import embed_net as ddag_net
 from data_manager import process_gallery_sysu, process_query_sysu
 from eval_metrics import RetrievalSet, average_results, eval_sysu, sysu_retrieval_set
-from finetune import Evaluator
+from evaluator import Evaluator
 from model import MMGLNet
 from rerank import k_reciprocal_distance
-from tests.test_agw_scripts import eval_args as agw_eval_args
-from tests.test_ddag_scripts import eval_args as ddag_eval_args
+from tests.helpers import eval_args
 from utils import REPO_ROOT, UserError
 
 SIZE = (24, 48)  # (width, height) of the images in the script runs below: their --img_w, --img_h
@@ -164,7 +163,7 @@ def run_mmgl(folder, data_path, *flags):
     if not checkpoint.exists():
         torch.manual_seed(0)
         torch.save(MMGLNet('resnet18').state_dict(), checkpoint)
-    results = mmgl_test.main(agw_eval_args(data_path, '--resume', str(checkpoint), *flags, dataset='sysu'))
+    results = mmgl_test.main(eval_args(data_path, '--resume', str(checkpoint), *flags, dataset='sysu'))
     return {'pool': (results['cmc'], results['mAP'], results['mINP'])}
 
 
@@ -182,8 +181,8 @@ def run_finetuned(main, eval_args, build):
 
 SCRIPTS = {
     'test.py': run_mmgl,
-    'AGW/test.py': run_finetuned(agw_test.main, agw_eval_args, lambda: agw_net(7, arch='resnet18')),
-    'DDAG/test_ddag.py': run_finetuned(ddag_test.main, lambda *args, **kwargs: ddag_eval_args(*args, '--wpa', **kwargs),
+    'AGW/test.py': run_finetuned(agw_test.main, eval_args, lambda: agw_net(7, arch='resnet18')),
+    'DDAG/test_ddag.py': run_finetuned(ddag_test.main, lambda *args, **kwargs: eval_args(*args, '--low-dim', '32', '--nheads', '2', '--wpa', **kwargs),
                                        lambda: ddag_net(32, 7, nheads=2, arch='resnet18', wpa=True)),
 }
 
@@ -235,7 +234,7 @@ def test_regdb_features_are_saved_per_split(tmp_path, regdb_tree, capsys):
     torch.save({'net': agw_net(5, arch='resnet18').state_dict()}, tmp_path / 'net.t')
     for split in (1, 2):
         shutil.copy(tmp_path / 'net.t', tmp_path / f'net_{split}.t')
-    args = agw_eval_args(regdb_tree, dataset='regdb')
+    args = eval_args(regdb_tree, dataset='regdb')
     with pytest.raises(UserError, match='write "{trial}" in the file name'):
         agw_test.main(args + ['--trial', '0', '--resume', str(tmp_path / 'net_{trial}.t'),
                               '--save_features', str(tmp_path / 'features.npz')])

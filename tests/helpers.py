@@ -1,22 +1,69 @@
-"""Checks that the AGW and DDAG tests both make, written once."""
+"""What several test files use: run arguments, key lists of the public networks, and checks the AGW
+and DDAG tests both make. Not a test file: pytest collects nothing here."""
 import numpy as np
 import torch
 
 import data_loader
 from data_manager import process_gallery_sysu, process_query_sysu
 from eval_metrics import average_results, eval_sysu
-from model import MMGLNet, backbone_state_dict
-from tests.test_model_loss import public_agw_backbone_keys
+from model import BACKBONE_PREFIXES, MMGLNet, backbone_state_dict
+
+# Image size of the script runs in the tests: (--img_h, --img_w) = (48, 24).
+SIZE = ('--img_h', '48', '--img_w', '24')
+
+
+def run_args(tmp_path, data_path, *extra, dataset='synthetic'):
+    """The flags of a short training run on CPU whose files all go under tmp_path."""
+    return ['--dataset', dataset, '--data_path', str(data_path), *SIZE, '--workers', '0',
+            '--model_path', str(tmp_path / 'save_model'), '--log_path', str(tmp_path / 'log'),
+            '--vis_log_path', str(tmp_path / 'log' / 'vis'), *extra]
+
+
+def eval_args(data_path, *extra, dataset='synthetic'):
+    """The flags of a test script run at the tests' image size."""
+    return ['--dataset', dataset, '--data_path', str(data_path), *SIZE, '--workers', '0', *extra]
+
+
+def randomised(state):
+    """The state dict with every floating-point tensor filled in place with values no fresh network has."""
+    for value in state.values():
+        if value.is_floating_point():
+            value.uniform_()
+    return state
+
+
+def backbone_keys(net):
+    return sorted(key for key in net.state_dict() if key.startswith(BACKBONE_PREFIXES))
+
+
+BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
+
+
+def public_agw_backbone_keys(blocks=(3, 4, 6, 3)):
+    """The backbone keys the public AGW/DDAG networks use, written out from their module names:
+    a stem per modality (visible_module.visible / thermal_module.thermal) and the shared
+    base_resnet.base.layer1..4 of ResNet-50 bottlenecks."""
+    keys = set()
+    for stem in ('visible_module.visible', 'thermal_module.thermal'):
+        keys.add(f'{stem}.conv1.weight')
+        keys.update(f'{stem}.bn1.{name}' for name in BN_KEYS)
+    for layer, num_blocks in enumerate(blocks, start=1):
+        for block in range(num_blocks):
+            prefix = f'base_resnet.base.layer{layer}.{block}'
+            for index in (1, 2, 3):
+                keys.add(f'{prefix}.conv{index}.weight')
+                keys.update(f'{prefix}.bn{index}.{name}' for name in BN_KEYS)
+            if block == 0:
+                keys.add(f'{prefix}.downsample.0.weight')
+                keys.update(f'{prefix}.downsample.1.{name}' for name in BN_KEYS)
+    return keys
 
 
 def assert_mmgl_backbone_fills_every_backbone_tensor(build_net, stream, heads):
     """An MMGL ResNet-50 state dict of random values loads into build_net(stream) both the public
     way (non-strict, only the network's own `heads` missing) and through load_backbone, which fills
     every backbone tensor and leaves the heads as they were."""
-    pretrained = MMGLNet('resnet50', stream).state_dict()
-    for value in pretrained.values():
-        if value.is_floating_point():
-            value.uniform_()  # values no fresh network has
+    pretrained = randomised(MMGLNet('resnet50', stream).state_dict())
 
     missing, unexpected = build_net(stream).load_state_dict(backbone_state_dict(pretrained), strict=False)
     assert unexpected == [] and missing and all(key.startswith(heads) for key in missing)

@@ -1,0 +1,51 @@
+"""The flags several scripts share, declared once as argparse parent parsers.
+
+    data_flags()        which dataset, where, at what image size, loader workers, --gpu   (every script)
+    evaluation_flags()  --mode, --test-batch                       (the scripts that evaluate retrieval)
+    training_flags()    network, optimiser, schedule, seed and the files a run writes   (training scripts)
+
+A script builds its parser as argparse.ArgumentParser(parents=[...]) and adds its own flags; where
+its default differs (the number of epochs, the tensorboardX folder) it says so with set_defaults.
+Names and defaults are those of the public scripts.
+"""
+import argparse
+
+from model import ARCHS
+
+DATASETS = ('sysu', 'regdb', 'synthetic')
+
+
+def data_flags():
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument('--dataset', default='sysu', choices=DATASETS)
+    parser.add_argument('--data_path', default=None,
+                        help='dataset folder (holding cam1..cam6 and exp/, or Visible/, Thermal/ and idx/); '
+                             'default: data/SYSU-MM01, data/RegDB or data/synthetic at the repo root')
+    parser.add_argument('--img_h', default=288, type=int)
+    parser.add_argument('--img_w', default=144, type=int)
+    parser.add_argument('--workers', default=4, type=int, help='data loading processes')
+    parser.add_argument('--gpu', default='0', help='sets CUDA_VISIBLE_DEVICES; the CPU is used without CUDA')
+    return parser
+
+
+def evaluation_flags():
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument('--mode', default='all', choices=['all', 'indoor'], help='SYSU-MM01 search mode')
+    parser.add_argument('--test-batch', default=64, type=int, dest='test_batch')
+    return parser
+
+
+def training_flags():
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument('--arch', default='resnet50', choices=ARCHS)
+    parser.add_argument('--stream', default='two', choices=['one', 'two'],
+                        help='two: modality-specific stems; one: one stem for both modalities')
+    parser.add_argument('--lr', default=0.1, type=float)
+    parser.add_argument('--optim', default='sgd', choices=['sgd', 'adam'])
+    parser.add_argument('--epochs', default=100, type=int)
+    parser.add_argument('--model_path', default='save_model/', help='where checkpoints are read and written')
+    parser.add_argument('--save_epoch', default=20, type=int, help='also keep the weights every N epochs')
+    parser.add_argument('--log_path', default='log/')
+    parser.add_argument('--vis_log_path', default='log/vis_log/', help='tensorboardX logs')
+    parser.add_argument('--seed', default=0, type=int)
+    return parser
