@@ -27,10 +27,16 @@ def prepare_dataset(dataset, data_path=None, need_train_arrays=False):
     return dataset_folder(dataset, data_path, need_train_arrays)
 
 
+def train_padding(img_h):
+    """Pixels of zero padding on every side before the training crop: 10 at the default height 288,
+    scaled with the height, at least 1."""
+    return max(1, round(10 * img_h / 288))
+
+
 def train_transform(img_h=288, img_w=144):
     """uint8 (H, W, 3) array -> normalised (3, img_h, img_w) tensor, with pad + random crop and
-    horizontal flip. The padding scales with the height: 10 pixels at the default 288."""
-    padding = max(1, round(10 * img_h / 288))
+    horizontal flip (augment.random_augment does the same to a batch on the device)."""
+    padding = train_padding(img_h)
     return transforms.Compose([
         transforms.ToPILImage(),
         transforms.Resize((img_h, img_w)),
@@ -40,6 +46,12 @@ def train_transform(img_h=288, img_w=144):
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def as_uint8_tensor(image):
+    """The loader's transform when the augmentation runs on the device (augment.py): the uint8
+    (H, W, 3) array as a tensor, unchanged, so that batches travel as uint8."""
+    return torch.from_numpy(np.ascontiguousarray(image))
 
 
 def test_transform(img_h=288, img_w=144):
@@ -201,3 +213,24 @@ class IdentitySampler(Sampler):
 
     def __len__(self):
         return len(self.visible_indices)
+
+
+class RankShare(Sampler):
+    """One process's share of a sampler's draw under torchrun: the draw is cut into batches of
+    batch_size consecutive items, and process `rank` of `world_size` takes batches rank,
+    rank + world_size, ... Every process makes the same draw (same seed, same generator states), so
+    the shares are disjoint and together cover it; the last incomplete round of batches is dropped,
+    so every process runs the same number of steps. With world_size 1 it is the sampler itself, less
+    an incomplete last batch (which the loaders drop anyway)."""
+
+    def __init__(self, sampler, batch_size, rank=0, world_size=1):
+        self.sampler, self.batch_size, self.rank, self.world_size = sampler, batch_size, rank, world_size
+
+    def __iter__(self):
+        items = list(self.sampler)
+        rounds = len(items) // (self.batch_size * self.world_size)
+        for batch in range(self.rank, rounds * self.world_size, self.world_size):
+            yield from items[batch * self.batch_size:(batch + 1) * self.batch_size]
+
+    def __len__(self):
+        return len(self.sampler) // (self.batch_size * self.world_size) * self.batch_size

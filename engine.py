@@ -1,41 +1,113 @@
 """The training engine every training script runs on (train.py, AGW/train.py, DDAG/train_ddag.py).
 
 A script brings its network, its losses (as a `step`), its flags and what it does after an epoch;
-the engine does the rest:
+the engine does the rest, written once for the three:
 
-    start_run(args, name, title, state_file)    files named by flags, device, seed, data, logger, tensorboardX
-    training_set(run)                           the training images with their augmentation
+    start_run(args, name, title, state_file, pretrained_file)
+                                    files named by flags, torchrun's process group, device, seed, data,
+                                    logger, tensorboardX (process 0 alone logs and writes files)
+    training_set(run)               the training images, augmented in the loader or on the device
+    make_loader(run, dataset, sampler, batch_size)
+                                    a DataLoader over this process's share of the sampler's draw
     fit(run, model, optimizer, step, make_loader, milestones, ...)
-                                                the epoch loop: learning-rate schedule, train_one_epoch,
-                                                end_of_epoch, the log line, <run>_state.t, resume
+                                    the epoch loop: learning-rate schedule, train_one_epoch,
+                                    end_of_epoch, the log line, <run>_state.t, resume, DDP
     train_one_epoch(run, model, optimizer, step, loader, epoch)
-                                                one pass with progress (images/s, ETA) and tensorboardX
+                                    one pass with progress (images/s, ETA) and tensorboardX
+    Precision                       --amp: autocast and the gradient scaler
     save_state(path, epoch, args, **objects), restart_from_checkpoint(path, args, shape_flags, **objects)
-                                                the state file: every object's state_dict under its name
-    RunValues                                   plain values a run carries across epochs, with a state_dict
+                                    the state file: every object's state_dict under its name
+    RunValues                       plain values a run carries across epochs, with a state_dict
 
-A step is step(visible, thermal, labels, epoch) -> (loss, {name: value}): visible and thermal are
-the (B, 3, H, W) batches on the device, labels their identity labels, visible then thermal (2B,),
-epoch the epoch it belongs to (for the step's own schedules).
+A step is step(model, visible, thermal, labels, epoch) -> (loss, {name: value}): model is the
+network to call (wrapped for DDP under torchrun), visible and thermal the augmented (B, 3, H, W)
+batches on the device, labels their identity labels, visible then thermal (2B,), epoch the epoch
+it belongs to (for the step's own schedules). The step runs under --amp's autocast and computes its
+losses in float32 (utils.full_precision); its values are numbers or 0-dim tensors, which stay on
+the device until a log step (every --log_every steps), so the host never waits for the GPU between.
 The engine back-propagates the loss, steps the optimiser and logs the values.
 
 <run>_state.t (written after every epoch) holds {name: state_dict for each object ('model',
-'optimizer' and the script's own), 'epoch' (the next to run), 'rng' (every generator), 'args'}.
+'optimizer', 'grad_scaler' and the script's own), 'epoch' (the next to run), 'rng' (every
+generator), 'args'}.
 """
 import argparse
+import contextlib
+import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tensorboardX import SummaryWriter
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import utils
-from data_loader import RegDBData, SYSUData, prepare_dataset, train_transform
+from augment import random_augment
+from data_loader import RankShare, RegDBData, SYSUData, as_uint8_tensor, prepare_dataset, train_transform
 
 STATE_KEYS = ('model', 'optimizer', 'epoch', 'rng', 'args')
+
+
+class Precision:
+    """--amp: the forward pass under autocast in bfloat16 where the device has it (current GPUs, the
+    CPU), else in float16 with a gradient scaler (older GPUs such as the paper's 2080Ti). Without
+    --amp everything runs in float32 and the scaler does nothing. Its state_dict is the scaler's."""
+
+    def __init__(self, amp, device):
+        self.device_type, self.dtype = device.type, None
+        if amp:
+            bf16 = device.type != 'cuda' or torch.cuda.is_bf16_supported()
+            self.dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+
+    def __str__(self):
+        if self.dtype is None:
+            return 'float32'
+        return f'{str(self.dtype).replace("torch.", "")} autocast' + (
+            ' with gradient scaling' if self.scaler.is_enabled() else '')
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward_and_step(self, loss, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self):
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state):
+        self.scaler.load_state_dict(state)
+
+
+class NullWriter:
+    """The tensorboardX writer of the processes other than 0 under torchrun: writes nothing."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def init_distributed():
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK in the environment):
+    NCCL on GPUs, gloo on CPUs. Returns (rank, world size, local rank or None without torchrun)."""
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
+        return 0, 1, None
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', '0'))
 
 
 @dataclass
@@ -49,36 +121,81 @@ class Run:
     writer: SummaryWriter
     state_file: Path = None       # the state file to continue from, found
     pretrained_file: Path = None  # the checkpoint whose weights start the run, found
+    precision: Precision = None
+    augment_on_device: bool = False
+    rank: int = 0                 # this process and the number of processes under torchrun
+    world_size: int = 1
 
     @property
     def model_path(self):
         return Path(self.args.model_path)
 
+    @property
+    def is_main(self):
+        """Process 0: the one that logs, evaluates and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    def batch_to_device(self, images):
+        """A batch from the loader -> (B, 3, H, W) float on the device: augmented here when the
+        loader gives uint8 (B, H, W, 3) arrays, channels-last with --channels_last."""
+        images = images.to(self.device, non_blocking=True)
+        if self.augment_on_device:
+            images = random_augment(images, self.args.img_h, self.args.img_w)
+        if self.args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
 
 def start_run(args, name, title, state_file='', pretrained_file=''):
     """Check the counting flags, find state_file (a run to continue) and pretrained_file (weights to
-    start from), each a path or a name in --model_path or '', before anything else happens; pick the
-    device, seed every generator, check the dataset, open <log_path>/<name>.log and the tensorboardX
-    writer <vis_log_path>/<name>."""
-    for flag, option in (('epochs', '--epochs'), ('batch_size', '--batch-size'), ('save_epoch', '--save_epoch')):
+    start from), each a path or a name in --model_path or '', before anything else happens; join
+    torchrun's process group, pick the device, seed every generator, check the dataset (process 0
+    generates the synthetic set while the others wait), open <log_path>/<name>.log and the
+    tensorboardX writer <vis_log_path>/<name> (process 0 only)."""
+    for flag, option in (('epochs', '--epochs'), ('batch_size', '--batch-size'), ('save_epoch', '--save_epoch'),
+                         ('log_every', '--log_every')):
         if getattr(args, flag) < 1:
             raise utils.UserError(f'{option} must be at least 1, got {getattr(args, flag)}.')
     state_file = utils.find_checkpoint(state_file, args.model_path) if state_file else None
     pretrained_file = utils.find_checkpoint(pretrained_file, args.model_path) if pretrained_file else None
-    device = utils.select_device(args.gpu)
+    rank, world_size, local_rank = init_distributed()
+    device = utils.select_device(args.gpu, local_rank)
+    if args.sync_bn and world_size > 1 and device.type != 'cuda':
+        raise utils.UserError('--sync_bn needs GPUs (SyncBatchNorm has no CPU implementation): drop it on the CPU.')
     utils.set_seed(args.seed)
-    data_path = prepare_dataset(args.dataset, args.data_path, need_train_arrays=args.dataset != 'regdb')
-    logger = utils.make_logger(Path(args.log_path) / f'{name}.log')
-    writer = SummaryWriter(str(Path(args.vis_log_path) / name))
-    logger.info(f'{title} {name} on {device}\n{vars(args)}')
-    return Run(args, name, device, data_path, logger, writer, state_file, pretrained_file)
+    need_train_arrays = args.dataset != 'regdb'
+    if rank == 0:
+        data_path = prepare_dataset(args.dataset, args.data_path, need_train_arrays)
+    if world_size > 1:
+        dist.barrier()
+    if rank != 0:
+        data_path = prepare_dataset(args.dataset, args.data_path, need_train_arrays)
+    if rank == 0:
+        logger = utils.make_logger(Path(args.log_path) / f'{name}.log')
+        writer = SummaryWriter(str(Path(args.vis_log_path) / name))
+    else:
+        logger, writer = logging.getLogger(f'{name}.rank{rank}'), NullWriter()
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
+    precision = Precision(args.amp, device)
+    augment_on_device = args.augment == 'device' or (args.augment == 'auto' and device.type == 'cuda')
+    processes = f' x {world_size} processes' if world_size > 1 else ''
+    logger.info(f'{title} {name} on {device}{processes}, {precision}, augmentation in the '
+                f'{"device" if augment_on_device else "loader"}\n{vars(args)}')
+    return Run(args, name, device, data_path, logger, writer, state_file, pretrained_file, precision,
+               augment_on_device, rank, world_size)
 
 
 def training_set(run):
-    """The training images with the training augmentation: SYSU-MM01 (or synthetic) from its
-    pre-processed arrays, or RegDB split --trial loaded at --img_w x --img_h. Logs their counts."""
+    """The training images: SYSU-MM01 (or synthetic) from its pre-processed arrays, or RegDB split
+    --trial loaded at --img_w x --img_h; with the training augmentation, or as uint8 arrays when it
+    runs on the device (run.batch_to_device). Logs their counts."""
     args = run.args
-    transform = train_transform(args.img_h, args.img_w)
+    transform = as_uint8_tensor if run.augment_on_device else train_transform(args.img_h, args.img_w)
     if args.dataset == 'regdb':
         trainset = RegDBData(run.data_path, args.trial, transform, img_size=(args.img_w, args.img_h))
     else:
@@ -86,6 +203,12 @@ def training_set(run):
     for modality, labels in (('visible', trainset.visible_labels), ('thermal', trainset.thermal_labels)):
         run.logger.info(f'  {modality:8s} | {len(np.unique(labels)):5d} ids | {len(labels):8d} images')
     return trainset
+
+
+def make_loader(run, dataset, sampler, batch_size):
+    """A DataLoader of batch_size items over this process's share of the sampler's draw (RankShare)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=RankShare(sampler, batch_size, run.rank, run.world_size),
+                      num_workers=run.args.workers, drop_last=True, pin_memory=run.device.type == 'cuda')
 
 
 class RunValues(dict):
@@ -129,59 +252,94 @@ def restart_from_checkpoint(path, args, shape_flags, **objects):
 def train_one_epoch(run, model, optimizer, step, loader, epoch):
     """One pass over a loader of (visible, thermal, visible labels, thermal labels) batches with
     step (see the module docstring). Returns the epoch means of 'loss' and of step's values
-    (weighted by images) and 'images_per_second'."""
+    (weighted by images, over every process) and 'images_per_second' (of all processes)."""
     model.train()
-    meters = {'loss': utils.AverageMeter()}
-    throughput = utils.Throughput(len(loader) * loader.batch_size * 2)
-    progress = tqdm(loader, desc=f'epoch {epoch}', unit='step', leave=False, dynamic_ncols=True, mininterval=1.0)
+    totals, images = {}, 0  # image-weighted sums of the values, kept on the device between log steps
+    throughput = utils.Throughput(len(loader) * loader.batch_size * 2 * run.world_size)
+    progress = tqdm(loader, desc=f'epoch {epoch}', unit='step', leave=False, dynamic_ncols=True, mininterval=1.0,
+                    disable=not run.is_main)
     for index, (visible, thermal, visible_labels, thermal_labels) in enumerate(progress):
-        visible = visible.to(run.device, non_blocking=True)
-        thermal = thermal.to(run.device, non_blocking=True)
+        visible, thermal = run.batch_to_device(visible), run.batch_to_device(thermal)
         labels = torch.cat((visible_labels, thermal_labels)).to(run.device, non_blocking=True)
-        loss, values = step(visible, thermal, labels, epoch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with run.precision.autocast():
+            loss, values = step(model, visible, thermal, labels, epoch)
+        run.precision.backward_and_step(loss, optimizer)
 
-        values = {'loss': loss.item(), **values}
-        global_step = epoch * len(loader) + index
+        values = {'loss': loss.detach(), **values}
         for name, value in values.items():
-            meters.setdefault(name, utils.AverageMeter()).update(value, len(labels))
-            run.writer.add_scalar(f'train/{name}', value, global_step)
-        throughput.update(len(labels))
-        shown = ' '.join(f'{name} {meter.avg:.4f}' for name, meter in meters.items())
-        progress.set_postfix_str(f'{shown} lr {optimizer.param_groups[-1]["lr"]:.4g} {throughput}')
-    stats = {name: meter.avg for name, meter in meters.items()}
+            # A tensor value is added up on the device, a number on the host: neither waits for the GPU.
+            weighted = (value.detach().double() if torch.is_tensor(value) else float(value)) * len(labels)
+            totals[name] = totals[name] + weighted if name in totals else weighted
+        images += len(labels)
+        throughput.update(len(labels) * run.world_size)
+        if (index + 1) % run.args.log_every == 0 or index + 1 == len(loader):
+            global_step = epoch * len(loader) + index
+            for name, value in values.items():
+                run.writer.add_scalar(f'train/{name}', float(value), global_step)
+            shown = ' '.join(f'{name} {float(total) / images:.4f}' for name, total in totals.items())
+            progress.set_postfix_str(f'{shown} lr {optimizer.param_groups[-1]["lr"]:.4g} {throughput}', refresh=False)
+    if run.distributed:  # the means over every process's images
+        names = list(totals)
+        summed = torch.tensor([float(totals[name]) for name in names] + [images], dtype=torch.float64,
+                              device=run.device)
+        dist.all_reduce(summed)
+        totals, images = dict(zip(names, summed[:-1])), float(summed[-1])
+    stats = {name: float(total) / images for name, total in totals.items()}
     stats['images_per_second'] = throughput.done / max(time.time() - throughput.start, 1e-9)
     return stats
 
 
-def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), end_of_epoch=None, **objects):
+def check_replicas_agree(run, model):
+    """Under torchrun: stop unless every process ends with the same weights (a float64 checksum of
+    the parameters); returns the checksum."""
+    checksum = torch.stack([parameter.detach().double().sum() for parameter in model.parameters()]).sum()
+    gathered = [torch.zeros_like(checksum) for _ in range(run.world_size)]
+    dist.all_gather(gathered, checksum)
+    if any(not torch.equal(other, checksum) for other in gathered):
+        raise RuntimeError(f'the {run.world_size} processes ended with different weights: {gathered}')
+    return float(checksum)
+
+
+def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), end_of_epoch=None,
+        unused_parameters=False, **objects):
     """Train for epochs [start, --epochs) and return the statistics of the epochs run now.
 
     Each epoch: the learning rate of utils.warmup_step_lr (each parameter group at its 'lr_scale'),
     loader = make_loader(epoch), train_one_epoch and its log line, end_of_epoch(epoch, stats) (the
-    script's evaluation and weight files; it may add to stats), the epoch's tensorboardX scalars, then
-    <run>_state.t with model, optimizer and `objects`. With run.state_file the run continues from it;
-    shape_flags are the flags it must share.
+    script's evaluation and weight files, which it writes on process 0 only; it may add to stats),
+    the epoch's tensorboardX scalars, then <run>_state.t with model, optimizer, the gradient scaler
+    and `objects`. With run.state_file the run continues from it; shape_flags are the flags it must
+    share. With --channels_last the weights are kept channels-last; under torchrun the step gets the
+    model wrapped in DistributedDataParallel (with --sync_bn, synchronised batch norm first; say
+    unused_parameters when some parameters take no part in the loss), and the processes must end
+    with equal weights.
     """
     args, logger, writer = run.args, run.logger, run.writer
-    objects = {'model': model, 'optimizer': optimizer, **objects}
+    objects = {'model': model, 'optimizer': optimizer, 'grad_scaler': run.precision, **objects}
     start_epoch = 0
     if run.state_file:
         start_epoch = restart_from_checkpoint(run.state_file, args, shape_flags, **objects)
         carried = ''.join(f', {name} {value.state_dict()}' for name, value in objects.items()
-                          if name not in ('model', 'optimizer'))
+                          if name not in ('model', 'optimizer', 'grad_scaler'))
         logger.info(f'==> resumed {run.state_file} at epoch {start_epoch}{carried}')
     if start_epoch >= args.epochs:
         logger.info(f'nothing to do: the run already has {start_epoch} epochs (--epochs {args.epochs})')
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)  # in place: the optimiser keeps its parameters
+    trained = model
+    if run.distributed:
+        if args.sync_bn:
+            trained = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # shares the parameters
+        trained = DistributedDataParallel(trained, device_ids=[run.device] if run.device.type == 'cuda' else None,
+                                          find_unused_parameters=unused_parameters)
+
     history = []
     for epoch in range(start_epoch, args.epochs):
         lr = utils.warmup_step_lr(epoch, args.lr, milestones)
         utils.set_lr(optimizer, lr)
         start = time.time()
         loader = make_loader(epoch)
-        stats = train_one_epoch(run, model, optimizer, step, loader, epoch)
+        stats = train_one_epoch(run, trained, optimizer, step, loader, epoch)
         stats.update(epoch=epoch, lr=lr, steps=(epoch + 1) * len(loader))
         shown = ' '.join(f'{name} {value:.4f}' for name, value in stats.items()
                          if name not in ('epoch', 'lr', 'steps', 'images_per_second'))
@@ -192,7 +350,13 @@ def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), en
         for name, value in stats.items():
             if name not in ('epoch', 'steps') and isinstance(value, (int, float)):
                 writer.add_scalar(f'epoch/{name}', value, epoch)
-        save_state(run.model_path / f'{run.name}_state.t', epoch + 1, args, **objects)
+        if run.is_main:
+            save_state(run.model_path / f'{run.name}_state.t', epoch + 1, args, **objects)
+        if run.distributed:
+            dist.barrier()  # nobody runs ahead of process 0's evaluation and files
         history.append(stats)
+    if run.distributed:
+        checksum = check_replicas_agree(run, model)
+        logger.info(f'the {run.world_size} processes end with the same weights (checksum {checksum:.6f})')
     writer.close()
     return history

@@ -4,7 +4,7 @@ A fine-tuning script brings its network, its step (losses) and its flags; this m
 
     get_args_parser(description)        the flags every fine-tuning script has (public names and defaults)
     class_count(trainset)               identities to classify, from the labels
-    identity_loader(trainset, args, device)   a loader over a fresh IdentitySampler: one per epoch
+    identity_loader(run, trainset)      a loader over a fresh IdentitySampler: one per epoch
     initialise(run, net), load_pretrained(net, path, log)
                                         the backbone of an MMGL (or train.py state, AGW, DDAG) checkpoint
     fit(run, net, optimizer, step, trainset, evaluator, select, shape_flags, ...)
@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 import engine
 import options
@@ -68,12 +67,13 @@ def class_count(trainset):
     return int(labels.max()) + 1
 
 
-def identity_loader(trainset, args, device):
+def identity_loader(run, trainset):
     """A DataLoader of batches (visible, thermal, visible labels, thermal labels) over a new
-    IdentitySampler: --batch-size identities x --num_pos images per modality. Build one per epoch."""
+    IdentitySampler: --batch-size identities x --num_pos images per modality (under torchrun, per
+    process: each takes its share of one draw). Build one per epoch."""
+    args = run.args
     sampler = IdentitySampler(trainset.visible_labels, trainset.thermal_labels, args.num_pos, args.batch_size)
-    return DataLoader(trainset, batch_size=args.batch_size * args.num_pos, sampler=sampler,
-                      num_workers=args.workers, drop_last=True, pin_memory=device.type == 'cuda')
+    return engine.make_loader(run, trainset, sampler, args.batch_size * args.num_pos)
 
 
 # ----------------------------------------------------------------------------- pre-trained weights
@@ -143,11 +143,12 @@ def should_save(epoch, args):
 
 
 def fit(run, net, optimizer, step, trainset, evaluator, select, shape_flags, milestones=(20, 50), end_of_epoch=None,
-        **objects):
+        unused_parameters=False, **objects):
     """Fine-tune `net` with engine.fit: a new identity-sampled loader per epoch; after each epoch
     end_of_epoch(epoch, stats) (the method's own), then the evaluations of should_evaluate
     (SYSU-MM01 gallery draw 0, RegDB split --trial), <run>_best.t on the best Rank-1 of feature
-    `select` and <run>_epoch_N.t (should_save). objects are saved and restored with the run.
+    `select` and <run>_epoch_N.t (should_save), on process 0. unused_parameters and objects go to
+    engine.fit.
     Returns engine.fit's statistics, with 'scores' {feature name: (cmc, mAP, mINP)} when evaluated.
     """
     args, logger, writer = run.args, run.logger, run.writer
@@ -156,7 +157,7 @@ def fit(run, net, optimizer, step, trainset, evaluator, select, shape_flags, mil
     def evaluate(epoch, stats):
         if end_of_epoch is not None:
             end_of_epoch(epoch, stats)
-        if not should_evaluate(epoch, args):
+        if not run.is_main or not should_evaluate(epoch, args):
             return
         start = time.time()
         scores = {name: results[0] for name, results in evaluator.evaluate(net).items()}
@@ -176,8 +177,8 @@ def fit(run, net, optimizer, step, trainset, evaluator, select, shape_flags, mil
         if should_save(epoch, args):
             utils.save_checkpoint(record, run.model_path / f'{run.name}_epoch_{epoch}.t')
 
-    history = engine.fit(run, net, optimizer, step, lambda epoch: identity_loader(trainset, args, run.device),
-                         milestones, shape_flags, evaluate, best=best, **objects)
+    history = engine.fit(run, net, optimizer, step, lambda epoch: identity_loader(run, trainset),
+                         milestones, shape_flags, evaluate, unused_parameters, best=best, **objects)
     if best['epoch'] is not None:
         logger.info(f'best {select.upper()} Rank-1 {100 * best["rank1"]:.2f}% at epoch {best["epoch"]}')
     return history

@@ -1,5 +1,8 @@
 """Losses: MMGL's pretext tasks (stripe permutation recovery, part-aware cycle-contrastive learning)
 and the identity losses of AGW and DDAG fine-tuning."""
+import functools
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -9,9 +12,10 @@ from scipy.optimize import linear_sum_assignment
 
 
 def random_permutations(batch_size, num_stripe, generator=None, device=None):
-    """(B, S) int64: each row a permutation drawn uniformly from all S! orders."""
-    noise = torch.rand(batch_size, num_stripe, generator=generator)
-    return noise.argsort(dim=1).to(device)
+    """(B, S) int64 on `device`: each row a permutation drawn uniformly from all S! orders, from
+    generator (on that device) or the device's default generator."""
+    noise = torch.rand(batch_size, num_stripe, generator=generator, device=device)
+    return noise.argsort(dim=1)
 
 
 def shuffle_stripes(images, permutations):
@@ -54,20 +58,38 @@ def permutation_loss(predicted, permutations, kind='mse'):
     raise ValueError(f'kind must be one of {PERM_LOSSES}, got {kind!r}')
 
 
+# Up to this many stripes, decoding compares every permutation on the device; beyond, the Hungarian
+# algorithm runs on the CPU (7! = 5,040 candidates; 8! would be 40,320).
+MAX_ENUMERATED_STRIPES = 7
+
+
+@functools.lru_cache(maxsize=None)
+def _all_permutations(num_stripe):
+    return torch.tensor(list(itertools.permutations(range(num_stripe))), dtype=torch.long)
+
+
 def decode_permutations(predicted):
-    """Hungarian decoding of doubly-stochastic (B, S, S) matrices into the most likely permutations,
-    (B, S) int64. It maximises the summed log entries: Sinkhorn changes the log scores by a row and a
-    column term only, whose sum is the same for every permutation, so this is the permutation of
-    highest raw score whatever the Sinkhorn temperature."""
-    scores = predicted.detach().float().clamp_min(1e-30).log().cpu().numpy()
-    decoded = [linear_sum_assignment(matrix, maximize=True)[1] for matrix in scores]
-    return torch.from_numpy(np.stack(decoded)).long()
+    """The most likely permutations of doubly-stochastic (B, S, S) matrices, (B, S) int64 on their
+    device: the permutation whose entries have the largest summed log. Sinkhorn changes the log scores
+    by a row and a column term only, whose sum is the same for every permutation, so this is the
+    permutation of highest raw score whatever the Sinkhorn temperature. Up to
+    MAX_ENUMERATED_STRIPES stripes every permutation is scored on the device (no wait for the GPU);
+    beyond, the Hungarian algorithm solves the same problem on the CPU."""
+    scores = predicted.detach().float().clamp_min(1e-30).log()
+    num_stripe = scores.shape[1]
+    if num_stripe <= MAX_ENUMERATED_STRIPES:
+        candidates = _all_permutations(num_stripe).to(scores.device)                       # (S!, S)
+        totals = scores[:, torch.arange(num_stripe, device=scores.device), candidates].sum(dim=2)  # (B, S!)
+        return candidates[totals.argmax(dim=1)]
+    decoded = [linear_sum_assignment(matrix, maximize=True)[1] for matrix in scores.cpu().numpy()]
+    return torch.from_numpy(np.stack(decoded)).long().to(scores.device)
 
 
 def permutation_accuracy(predicted, permutations):
-    """(exact-match rate, per-stripe rate) of the decoded permutations against the true ones (B, S)."""
-    correct = decode_permutations(predicted) == permutations.cpu()
-    return correct.all(dim=1).float().mean().item(), correct.float().mean().item()
+    """(exact-match rate, per-stripe rate) of the decoded permutations against the true ones (B, S),
+    as 0-dim float tensors on the device."""
+    correct = decode_permutations(predicted) == permutations.to(predicted.device)
+    return correct.all(dim=1).float().mean(), correct.float().mean()
 
 
 # ----------------------------------------------------------------------------- cycle-contrastive learning
@@ -143,7 +165,8 @@ class OriTripletLoss(torch.nn.Module):
     identity and the closest of another, hinged at `margin`.
 
     forward(inputs (N, D), targets (N,)) -> (loss, correct): loss = mean relu(d_ap - d_an + margin);
-    correct = number of anchors whose hardest negative is no closer than their hardest positive.
+    correct = number of anchors whose hardest negative is no closer than their hardest positive
+    (a 0-dim tensor, so that the training step never waits for the GPU to read it).
     """
 
     def __init__(self, margin=0.3):
@@ -156,7 +179,7 @@ class OriTripletLoss(torch.nn.Module):
         hardest_positive = distances.masked_fill(~positive, float('-inf')).max(dim=1).values
         hardest_negative = distances.masked_fill(positive, float('inf')).min(dim=1).values
         loss = F.relu(hardest_positive - hardest_negative + self.margin).mean()
-        correct = (hardest_negative >= hardest_positive).sum().item()
+        correct = (hardest_negative >= hardest_positive).sum()
         return loss, correct
 
 
@@ -181,7 +204,8 @@ class TripletLoss_WRT(torch.nn.Module):
     Per anchor, the positive distance is a softmax(d)-weighted mean over its identity (leaning to
     the furthest) and the negative distance a softmax(-d)-weighted mean over the other identities
     (leaning to the closest); loss = mean softplus(positive - negative), the soft-margin loss.
-    forward(inputs (N, D), targets (N,)) -> (loss, correct), correct = anchors with negative >= positive.
+    forward(inputs (N, D), targets (N,)) -> (loss, correct), correct = anchors with negative >= positive
+    (a 0-dim tensor).
     """
 
     def forward(self, inputs, targets):
@@ -193,5 +217,5 @@ class TripletLoss_WRT(torch.nn.Module):
         furthest_positive = (positive_distances * agw_softmax_weights(positive_distances, positive)).sum(dim=1)
         closest_negative = (negative_distances * agw_softmax_weights(-negative_distances, negative)).sum(dim=1)
         loss = F.softplus(furthest_positive - closest_negative).mean()
-        correct = (closest_negative >= furthest_positive).sum().item()
+        correct = (closest_negative >= furthest_positive).sum()
         return loss, correct

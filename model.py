@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import utils
+
 ARCHS = ('resnet18', 'resnet50')
 BACKBONE_PREFIXES = ('visible_module.', 'thermal_module.', 'base_resnet.')
 
@@ -215,7 +217,8 @@ class MMGLNet(TwoStreamBackbone):
             head_input = self.perm_bn(head_input)
         scores = self.fc2(F.relu(self.fc1(head_input)))
         scores = scores.view(-1, self.num_stripe, self.num_stripe)
-        return sinkhorn(scores.float(), self.sinkhorn_iter, self.sinkhorn_tau)
+        with utils.full_precision(scores.device):
+            return sinkhorn(scores.float(), self.sinkhorn_iter, self.sinkhorn_tau)
 
     def part_embeddings(self, feature_map):
         """(B, C, h, w) -> L2-normalised (B, P, D): each horizontal part pooled and projected by its own conv."""

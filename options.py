@@ -48,4 +48,17 @@ def training_flags():
     parser.add_argument('--log_path', default='log/')
     parser.add_argument('--vis_log_path', default='log/vis_log/', help='tensorboardX logs')
     parser.add_argument('--seed', default=0, type=int)
+    speed = parser.add_argument_group('speed (README, "Speed and several GPUs")')
+    speed.add_argument('--amp', action='store_true',
+                       help='mixed precision: the network in bfloat16 (float16 with gradient scaling on GPUs '
+                            'without bfloat16), the losses in float32')
+    speed.add_argument('--channels_last', action='store_true', help='channels-last memory format (faster convolutions on GPUs)')
+    speed.add_argument('--augment', default='auto', choices=['auto', 'loader', 'device'],
+                       help='where the training augmentation runs: loader, per image with PIL in the loader '
+                            'processes; device, batched on the GPU (or CPU) after the transfer; auto: device on a '
+                            'GPU, loader on the CPU')
+    speed.add_argument('--log_every', default=20, type=int,
+                       help='steps between progress updates and per-step tensorboardX scalars (the only times '
+                            'the host waits for the GPU)')
+    speed.add_argument('--sync_bn', action='store_true', help='under torchrun: batch norm statistics over every GPU')
     return parser

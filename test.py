@@ -108,7 +108,8 @@ def main(argv=None):
         batches = [batch for m in modals for batch in recovered[m]]
         predicted = torch.from_numpy(np.concatenate([p for p, _ in batches]))
         permutations = torch.from_numpy(np.concatenate([t for _, t in batches])).long()
-        exact, per_stripe = permutation_accuracy(predicted.view(len(predicted), model.num_stripe, -1), permutations)
+        exact, per_stripe = map(float, permutation_accuracy(predicted.view(len(predicted), model.num_stripe, -1),
+                                                            permutations))
         print(f'permutation recovery, {name} ({len(predicted)} images): exact {100 * exact:.2f}% '
               f'(chance {100 * chance:.2f}%), per stripe {100 * per_stripe:.2f}% (chance {100 / model.num_stripe:.2f}%)')
     cmc, mAP, mINP = average_results(results['pool'])

@@ -15,7 +15,6 @@ backbone: the paper's).
 import argparse
 
 import torch
-from torch.utils.data import DataLoader
 
 import engine
 import options
@@ -111,22 +110,24 @@ def pcc_loss_of(embeddings, num_visible, args):
     return cycle_contrastive_loss(visible, thermal, args.cl_temp)
 
 
-def make_step(model, args):
+def make_step(args):
     """The MMGL training step (see engine): shuffle the stripes of both batches, the i-th visible and
     the i-th infrared image with one permutation, recover the permutations, add PCC with --pcc.
     Identity labels are never read."""
-    def step(visible, thermal, labels, epoch):
-        permutations = random_permutations(len(visible), args.num_stripe).to(visible.device)
+    def step(model, visible, thermal, labels, epoch):
+        permutations = random_permutations(len(visible), args.num_stripe, device=visible.device)
         visible = shuffle_stripes(visible, permutations)
         thermal = shuffle_stripes(thermal, permutations)
         permutations = torch.cat((permutations, permutations))
 
         outputs = model(visible, thermal, detach_embeddings=args.pcc_grad == 'heads')
-        perm_loss = permutation_loss(outputs['permutations'], permutations, args.perm_loss)
-        cl_weight = pcc_weight(epoch, args)
-        pcc_loss = pcc_loss_of(outputs['embeddings'], len(visible), args) if args.pcc else torch.zeros(())
-        exact, per_stripe = permutation_accuracy(outputs['permutations'], permutations)
-        return perm_loss + cl_weight * pcc_loss, {'perm_loss': perm_loss.item(), 'pcc_loss': pcc_loss.item(),
+        with utils.full_precision(visible.device):
+            perm_loss = permutation_loss(outputs['permutations'].float(), permutations, args.perm_loss)
+            cl_weight = pcc_weight(epoch, args)
+            pcc_loss = (pcc_loss_of(outputs['embeddings'].float(), len(visible), args) if args.pcc
+                        else torch.zeros((), device=visible.device))
+            exact, per_stripe = permutation_accuracy(outputs['permutations'], permutations)
+        return perm_loss + cl_weight * pcc_loss, {'perm_loss': perm_loss.detach(), 'pcc_loss': pcc_loss.detach(),
                                                   'perm_exact': exact, 'perm_stripe': per_stripe,
                                                   'cl_weight': cl_weight}
     return step
@@ -144,29 +145,29 @@ def main(argv=None):
     if args.batch_size > len(trainset.visible_labels):
         raise utils.UserError(f'--batch-size {args.batch_size} is larger than the {len(trainset.visible_labels)} '
                               f'visible training images: lower it.')
-    num_samples = args.steps_per_epoch * args.batch_size or None
+    # Under torchrun each process takes its share of one draw: --steps_per_epoch steps each.
+    num_samples = args.steps_per_epoch * args.batch_size * run.world_size or None
 
     def make_loader(epoch):
         sampler = UnpairedSampler(len(trainset.visible_labels), len(trainset.thermal_labels), num_samples)
-        return DataLoader(trainset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                          drop_last=True, pin_memory=run.device.type == 'cuda')
+        return engine.make_loader(run, trainset, sampler, args.batch_size)
 
     # ---- model, loss, optimizer
     model = MMGLNet(args.arch, args.stream, args.num_stripe, args.part, sinkhorn_iter=args.sinkhorn_iter,
                     sinkhorn_tau=args.sinkhorn_tau, perm_input=args.perm_input, perm_bn=args.perm_bn).to(run.device)
-    step = make_step(model, args)
+    step = make_step(args)
     optimizer = utils.make_optimizer(model.parameters(), args.lr, args.optim)
 
     # ---- training loop: the plain weights every --save_epoch epochs and after the last
     def save_weights(epoch, stats):
         done = epoch + 1
-        if done % args.save_epoch == 0 or done == args.epochs:
+        if run.is_main and (done % args.save_epoch == 0 or done == args.epochs):
             weights_file = run.model_path / f'{name}_epoch_{done}.t'
             utils.save_checkpoint(model.state_dict(), weights_file)
             run.logger.info(f'saved {weights_file}')
 
     return engine.fit(run, model, optimizer, step, make_loader, milestones=(20, 50), shape_flags=SHAPE_FLAGS,
-                      end_of_epoch=save_weights)
+                      end_of_epoch=save_weights, unused_parameters=not args.pcc)  # the part projections
 
 
 if __name__ == '__main__':

@@ -37,18 +37,28 @@ def run_main(main):
 
 # ----------------------------------------------------------------------------- devices and seeds
 
-def select_device(gpu):
+def select_device(gpu, local_rank=None):
     """Honour `--gpu` the way the public scripts do (CUDA_VISIBLE_DEVICES), fall back to CPU.
 
-    Must run before anything initialises CUDA.
+    local_rank: this process's GPU under torchrun, which leaves CUDA_VISIBLE_DEVICES alone (one
+    --gpu for every process would put them all on one card). Must run before anything initialises CUDA.
     """
-    if gpu is not None and gpu != '':
+    if local_rank is None and gpu is not None and gpu != '':
         os.environ['CUDA_VISIBLE_DEVICES'] = str(gpu)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-        return torch.device('cuda')
+        if local_rank is None:
+            return torch.device('cuda')
+        torch.cuda.set_device(local_rank)
+        return torch.device('cuda', local_rank)
     print('CUDA is not available: running on the CPU.', flush=True)
     return torch.device('cpu')
+
+
+def full_precision(device):
+    """A region where autocast is off, so that the losses, Sinkhorn and the metrics run in float32
+    (on float32 inputs) whatever --amp does to the network around them."""
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 
 def set_seed(seed):

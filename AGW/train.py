@@ -46,17 +46,19 @@ def get_args_parser():
     return parser
 
 
-def make_step(net, method, margin):
+def make_step(method, margin):
     """The AGW training step (see engine): identity cross-entropy + triplet loss."""
     criterion_id = nn.CrossEntropyLoss()
     criterion_tri = TripletLoss_WRT() if method == 'agw' else OriTripletLoss(margin)
 
-    def step(visible, thermal, labels, epoch):
+    def step(net, visible, thermal, labels, epoch):
         feat, logits = net(visible, thermal)
-        loss_id = criterion_id(logits, labels)
-        loss_tri, _ = criterion_tri(feat, labels)
-        accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
-        return loss_id + loss_tri, {'id_loss': loss_id.item(), 'tri_loss': loss_tri.item(), 'accuracy': accuracy}
+        with utils.full_precision(labels.device):
+            feat, logits = feat.float(), logits.float()
+            loss_id = criterion_id(logits, labels)
+            loss_tri, _ = criterion_tri(feat, labels)
+        accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
+        return loss_id + loss_tri, {'id_loss': loss_id.detach(), 'tri_loss': loss_tri.detach(), 'accuracy': accuracy}
     return step
 
 
@@ -71,7 +73,7 @@ def main(argv=None):
     finetune.initialise(run, net)
     run.logger.info(f'{args.arch} {args.stream}-stream {args.method} network, {class_num} training identities')
 
-    step = make_step(net, args.method, args.margin)
+    step = make_step(args.method, args.margin)
     optimizer = utils.make_optimizer(net.optimizer_groups(args.lr), args.lr, args.optim)
     evaluator = Evaluator.from_args(args, run.data_path, run.device, FEATURES)
     return finetune.fit(run, net, optimizer, step, trainset, evaluator, select='fc', shape_flags=SHAPE_FLAGS)

@@ -88,31 +88,34 @@ class DDAGLoss:
     epoch: 0 during the first epoch, then graph_weight of the previous epoch's mean instance loss
     (end_epoch). Its state_dict holds wG, so a resumed run goes on with the weight it had."""
 
-    def __init__(self, net, args):
-        self.net, self.graph, self.lambda0 = net, args.graph, args.lambda0
+    def __init__(self, args):
+        self.graph, self.lambda0 = args.graph, args.lambda0
         self.criterion_id = nn.CrossEntropyLoss()
         self.criterion_tri = OriTripletLoss(args.margin)
         self.wG = 0.0
 
-    def __call__(self, visible, thermal, labels, epoch):
+    def __call__(self, net, visible, thermal, labels, epoch):
         adjacency = identity_adjacency(labels) if self.graph else None
-        pooled, logits, attention_logits, graph_log_probs = self.net(visible, thermal, adjacency=adjacency)
-        loss_id = self.criterion_id(logits, labels)
-        loss_tri, _ = self.criterion_tri(pooled, labels)
-        instance = loss_id + loss_tri
-        values = {'id_loss': loss_id.item(), 'tri_loss': loss_tri.item()}
-        if attention_logits is not None:
-            loss_part = self.criterion_id(attention_logits, labels)
-            instance = instance + loss_part
-            values['part_loss'] = loss_part.item()
-        values['instance_loss'] = instance.item()
-        total = instance
-        if graph_log_probs is not None:
-            loss_graph = F.nll_loss(graph_log_probs, labels)
-            weight = self.lambda0 * self.wG
-            total = instance + weight * loss_graph
-            values.update(graph_loss=loss_graph.item(), graph_weight=weight)
-        values['accuracy'] = (logits.argmax(dim=1) == labels).float().mean().item()
+        outputs = net(visible, thermal, adjacency=adjacency)
+        with utils.full_precision(labels.device):
+            pooled, logits, attention_logits, graph_log_probs = (
+                output.float() if output is not None else None for output in outputs)
+            loss_id = self.criterion_id(logits, labels)
+            loss_tri, _ = self.criterion_tri(pooled, labels)
+            instance = loss_id + loss_tri
+            values = {'id_loss': loss_id.detach(), 'tri_loss': loss_tri.detach()}
+            if attention_logits is not None:
+                loss_part = self.criterion_id(attention_logits, labels)
+                instance = instance + loss_part
+                values['part_loss'] = loss_part.detach()
+            values['instance_loss'] = instance.detach()
+            total = instance
+            if graph_log_probs is not None:
+                loss_graph = F.nll_loss(graph_log_probs, labels)
+                weight = self.lambda0 * self.wG
+                total = instance + weight * loss_graph
+                values.update(graph_loss=loss_graph.detach(), graph_weight=weight)
+        values['accuracy'] = (logits.detach().argmax(dim=1) == labels).float().mean()
         return total, values
 
     def end_epoch(self, epoch, stats):
@@ -141,7 +144,7 @@ def main(argv=None):
     run.logger.info(f'{args.arch} {args.stream}-stream DDAG network ({branches or "no attention branch"}), '
                     f'{class_num} training identities')
 
-    step = DDAGLoss(net, args)
+    step = DDAGLoss(args)
     optimizer = utils.make_optimizer(net.optimizer_groups(args.lr), args.lr, args.optim)
     evaluator = Evaluator.from_args(args, run.data_path, run.device, FEATURES)
 
@@ -150,7 +153,8 @@ def main(argv=None):
         run.logger.info(f'  graph-loss weight wG {step.wG:.4g} from epoch {epoch + 1}')
 
     return finetune.fit(run, net, optimizer, step, trainset, evaluator, select=SELECT, shape_flags=SHAPE_FLAGS,
-                        milestones=args.lr_steps, end_of_epoch=update_graph_weight, ddag_loss=step)
+                        milestones=args.lr_steps, end_of_epoch=update_graph_weight,
+                        unused_parameters=not args.graph, ddag_loss=step)  # the graph attention
 
 
 if __name__ == '__main__':

@@ -51,6 +51,9 @@ VARIANTS = {
     'default': ('--perm_input', 'parts', '--pcc_grad', 'heads'),
     'default+onestream': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--stream', 'one'),
     'default+figure': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--pcc_form', 'figure'),
+    # the speed flags must not change what is learnt
+    'default+amp': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--amp', '--channels_last'),
+    'default+device_augment': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--augment', 'device'),
 }
 
 

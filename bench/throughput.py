@@ -1,0 +1,138 @@
+"""Training speed on the device present: ms per step, images/s and peak GPU memory of the MMGL, AGW
+and DDAG training steps in float32 and with --amp (and --channels_last), then images/s of whole
+train.py epochs with the loader (and with the augmentation on the device).
+
+    python bench/throughput.py                                       # GPU: 288x144, batch 32+32
+    python bench/throughput.py --img_h 96 --img_w 48 --batch 8 --arch resnet18 --epoch_steps 10   # CPU
+
+The step figures time the scripts' own steps (train.make_step, AGW's make_step, DDAG's DDAGLoss)
+with engine.Precision on random images already on the device: forward, losses, backward and the
+optimiser step, --steps timed after --warmup. The epoch figures run train.main on the synthetic set
+(generated on first use), two epochs of --epoch_steps steps, and report the second (the first pays
+for start-up). Prints a Markdown table; --out also writes it to a file.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine  # noqa: E402
+import train as mmgl_train  # noqa: E402
+import utils  # noqa: E402
+from AGW import train as agw_train  # noqa: E402
+from AGW.agw_model import build_net as build_agw  # noqa: E402
+from DDAG import train_ddag  # noqa: E402
+from DDAG.ddag_model import build_net as build_ddag  # noqa: E402
+from model import ARCHS, MMGLNet  # noqa: E402
+
+PRECISIONS = {'fp32': dict(amp=False, channels_last=False), 'amp': dict(amp=True, channels_last=False),
+              'amp + channels_last': dict(amp=True, channels_last=True)}
+CLASSES = 395  # SYSU-MM01's training identities
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description='Training throughput of MMGL, AGW and DDAG')
+    parser.add_argument('--arch', default='resnet50', choices=ARCHS)
+    parser.add_argument('--img_h', default=288, type=int)
+    parser.add_argument('--img_w', default=144, type=int)
+    parser.add_argument('--batch', default=32, type=int, help='images per modality in a step (AGW/DDAG: 8 x 4)')
+    parser.add_argument('--warmup', default=5, type=int)
+    parser.add_argument('--steps', default=20, type=int)
+    parser.add_argument('--epoch_steps', default=50, type=int, help='steps of each timed train.py epoch (0: skip)')
+    parser.add_argument('--workers', default=8, type=int, help='loader processes of the train.py epochs')
+    parser.add_argument('--precisions', default=','.join(PRECISIONS))
+    parser.add_argument('--gpu', default='0')
+    parser.add_argument('--out', default=None, help='also write the table to this file')
+    return parser
+
+
+def networks_and_steps(args):
+    """{method: (network builder, step)} with each script's default flags."""
+    mmgl_args = mmgl_train.get_args_parser().parse_args(['--pcc', '--part'])
+    ddag_args = train_ddag.get_args_parser().parse_args(['--wpa', '--graph'])
+    return {
+        'MMGL (--pcc --part)': (lambda: MMGLNet(args.arch, 'two', 6, part=True, perm_input='parts'),
+                                mmgl_train.make_step(mmgl_args)),
+        'AGW': (lambda: build_agw(CLASSES, 'agw', args.arch), agw_train.make_step('agw', 0.3)),
+        'DDAG (--wpa --graph)': (lambda: build_ddag(CLASSES, ddag_args, args.arch), train_ddag.DDAGLoss(ddag_args)),
+    }
+
+
+def time_step(build, step, precision, channels_last, args, device):
+    """(ms per step, peak GPU memory in GiB or None) of one method's training step."""
+    torch.manual_seed(0)
+    model = build().to(device).train()
+    params = model.optimizer_groups(0.01) if hasattr(model, 'optimizer_groups') else model.parameters()
+    optimizer = utils.make_optimizer(params, 0.01)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    visible, thermal = (torch.randn(args.batch, 3, args.img_h, args.img_w, device=device)
+                        .contiguous(memory_format=memory_format) for _ in range(2))
+    ids = torch.arange(args.batch, device=device) // 4  # identities of 4 images each, as in AGW/DDAG batches
+    labels = torch.cat((ids, ids))
+
+    def one_step():
+        with precision.autocast():
+            loss, _ = step(model, visible, thermal, labels, epoch=20)
+        precision.backward_and_step(loss, optimizer)
+
+    for _ in range(args.warmup):
+        one_step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        one_step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    milliseconds = 1000 * (time.perf_counter() - start) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == 'cuda' else None
+    return milliseconds, peak
+
+
+def time_epochs(args, extra_flags):
+    """images/s of the second of two train.py epochs of --epoch_steps steps on the synthetic set."""
+    with tempfile.TemporaryDirectory() as folder:
+        flags = ['--dataset', 'synthetic', '--arch', args.arch, '--img_h', str(args.img_h), '--img_w', str(args.img_w),
+                 '--batch-size', str(args.batch), '--pcc', '--part', '--epochs', '2',
+                 '--steps_per_epoch', str(args.epoch_steps), '--workers', str(args.workers), '--gpu', args.gpu,
+                 '--model_path', folder, '--log_path', folder, '--vis_log_path', folder, *extra_flags]
+        history = mmgl_train.main(flags)
+    return history[-1]['images_per_second']
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    device = utils.select_device(args.gpu)
+    card = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
+    lines = [f'{card}, torch {torch.__version__}, {args.arch} {args.img_h}x{args.img_w}, '
+             f'{args.batch}+{args.batch} images a step', '',
+             '| training step | precision | ms/step | images/s | peak GPU memory (GiB) |', '|---|---|---|---|---|']
+    for method, (build, step) in networks_and_steps(args).items():
+        for name in args.precisions.split(','):
+            options = PRECISIONS[name]
+            precision = engine.Precision(options['amp'], device)
+            milliseconds, peak = time_step(build, step, precision, options['channels_last'], args, device)
+            lines.append(f'| {method} | {name} ({precision}) | {milliseconds:.1f} | '
+                         f'{2 * args.batch * 1000 / milliseconds:.0f} | {"-" if peak is None else f"{peak:.2f}"} |')
+            print(lines[-1], flush=True)
+    if args.epoch_steps:
+        lines += ['', '| whole train.py epoch (--pcc --part) | images/s |', '|---|---|']
+        for flags in ([], ['--augment', 'loader'], ['--augment', 'device'], ['--amp', '--channels_last']):
+            lines.append(f'| {" ".join(flags) or "defaults"} | {time_epochs(args, flags):.0f} |')
+            print(lines[-1], flush=True)
+    table = '\n'.join(lines)
+    print('\n' + table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table + '\n')
+
+
+if __name__ == '__main__':
+    utils.run_main(main)

@@ -1,0 +1,87 @@
+"""The training engine's speed features on the CPU: mixed precision, augmentation on the device,
+channels-last, device-side permutation decoding."""
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch.utils.data import DataLoader
+
+import engine
+import train as mmgl_train
+import utils
+from AGW import train as agw_train
+from AGW.agw_model import build_net as build_agw
+from DDAG import train_ddag
+from DDAG.ddag_model import build_net as build_ddag
+from loss import decode_permutations
+from model import MMGLNet, sinkhorn
+from tests.helpers import run_args
+
+MMGL_RUN = 'synthetic_mmgl_two_resnet18_s6_pcc_part_lr_0.1_seed_0'
+
+
+@pytest.mark.parametrize('num_stripe', [2, 4, 6, 7, 8])
+def test_decoding_finds_the_permutation_the_hungarian_algorithm_finds(num_stripe):
+    generator = torch.Generator().manual_seed(num_stripe)
+    predicted = sinkhorn(torch.randn(64, num_stripe, num_stripe, generator=generator) * 3)
+    expected = [linear_sum_assignment(matrix, maximize=True)[1] for matrix in predicted.log().numpy()]
+    assert torch.equal(decode_permutations(predicted), torch.from_numpy(np.stack(expected)).long())
+
+
+def test_every_step_gives_a_float32_loss_under_bfloat16_autocast():
+    precision = engine.Precision(True, torch.device('cpu'))
+    assert precision.dtype == torch.bfloat16 and not precision.scaler.is_enabled()
+    visible, thermal = torch.randn(4, 3, 48, 24), torch.randn(4, 3, 48, 24)
+    labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    ddag_args = train_ddag.get_args_parser().parse_args(['--wpa', '--graph', '--low-dim', '8', '--nheads', '2'])
+    runs = {'mmgl': (MMGLNet('resnet18', part=True, perm_input='parts'),
+                     mmgl_train.make_step(mmgl_train.get_args_parser().parse_args(['--pcc', '--part']))),
+            'agw': (build_agw(2, 'agw', 'resnet18'), agw_train.make_step('agw', 0.3)),
+            'ddag': (build_ddag(2, ddag_args, 'resnet18'), train_ddag.DDAGLoss(ddag_args))}
+    for name, (net, step) in runs.items():
+        with precision.autocast():
+            assert net.feature_map(visible, thermal).dtype == torch.bfloat16, name  # the network runs in bf16
+            loss, values = step(net.train(), visible, thermal, labels, epoch=0)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss), name
+        precision.backward_and_step(loss, torch.optim.SGD(net.parameters(), lr=0.01))
+        gradients = [parameter.grad for parameter in net.parameters() if parameter.grad is not None]
+        assert gradients and all(gradient.dtype == torch.float32 and torch.isfinite(gradient).all()
+                                 for gradient in gradients), name
+
+
+def test_speed_flags_reach_the_run_and_resume_stays_exact(tmp_path, sysu_preprocessed):
+    flags = ('--arch', 'resnet18', '--batch-size', '4', '--steps_per_epoch', '3', '--pcc', '--part', '--amp',
+             '--channels_last', '--augment', 'device', '--log_every', '2')
+    straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
+    history = mmgl_train.main(run_args(straight, sysu_preprocessed, *flags, '--epochs', '2'))
+    assert all(np.isfinite(stats['loss']) for stats in history)
+    log = (straight / 'log' / f'{MMGL_RUN}.log').read_text()
+    assert 'bfloat16 autocast' in log and 'augmentation in the device' in log
+    assert 'grad_scaler' in utils.load_checkpoint(straight / 'save_model' / f'{MMGL_RUN}_state.t')
+
+    mmgl_train.main(run_args(interrupted, sysu_preprocessed, *flags, '--epochs', '1'))
+    mmgl_train.main(run_args(interrupted, sysu_preprocessed, *flags, '--epochs', '2', '--resume', f'{MMGL_RUN}_state.t'))
+    reference = utils.load_checkpoint(straight / 'save_model' / f'{MMGL_RUN}_epoch_2.t')
+    resumed = utils.load_checkpoint(interrupted / 'save_model' / f'{MMGL_RUN}_epoch_2.t')
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), key
+
+
+def test_augmentation_in_the_loader_or_on_the_device_feeds_the_same_kind_of_batches(sysu_preprocessed):
+    """The two paths give normalised float batches of one shape and similar statistics."""
+    batches = {}
+    for where in ('loader', 'device'):
+        args = mmgl_train.get_args_parser().parse_args(
+            run_args(sysu_preprocessed.parent, sysu_preprocessed, '--augment', where, '--img_h', '96', '--img_w', '48'))
+        run = engine.Run(args, 'x', torch.device('cpu'), sysu_preprocessed, None, engine.NullWriter(),
+                         precision=engine.Precision(False, torch.device('cpu')), augment_on_device=where == 'device')
+        run.logger = utils.make_logger(sysu_preprocessed.parent / f'augment_{where}.log')
+        trainset = engine.training_set(run)
+        torch.manual_seed(0)
+        pairs = [(index, index % len(trainset.thermal_labels)) for index in range(32)]
+        visible, _, _, _ = next(iter(DataLoader(trainset, batch_size=32, sampler=pairs)))
+        assert visible.dtype == (torch.uint8 if where == 'device' else torch.float32)
+        batches[where] = run.batch_to_device(visible)
+    loader, device = batches['loader'], batches['device']
+    assert loader.shape == device.shape == (32, 3, 96, 48) and loader.dtype == device.dtype == torch.float32
+    assert abs(loader.mean() - device.mean()) < 0.05 and abs(loader.std() - device.std()) < 0.05
