@@ -167,13 +167,11 @@ def start_run(args, name, title, state_file='', pretrained_file=''):
     if args.sync_bn and world_size > 1 and device.type != 'cuda':
         raise utils.UserError('--sync_bn needs GPUs (SyncBatchNorm has no CPU implementation): drop it on the CPU.')
     utils.set_seed(args.seed)
-    need_train_arrays = args.dataset != 'regdb'
-    if rank == 0:
-        data_path = prepare_dataset(args.dataset, args.data_path, need_train_arrays)
-    if world_size > 1:
-        dist.barrier()
     if rank != 0:
-        data_path = prepare_dataset(args.dataset, args.data_path, need_train_arrays)
+        dist.barrier()  # process 0 prepares the data first (it may generate the synthetic set)
+    data_path = prepare_dataset(args.dataset, args.data_path, need_train_arrays=args.dataset != 'regdb')
+    if rank == 0 and world_size > 1:
+        dist.barrier()
     if rank == 0:
         logger = utils.make_logger(Path(args.log_path) / f'{name}.log')
         writer = SummaryWriter(str(Path(args.vis_log_path) / name))
@@ -182,7 +180,7 @@ def start_run(args, name, title, state_file='', pretrained_file=''):
         logger.addHandler(logging.NullHandler())
         logger.propagate = False
     precision = Precision(args.amp, device)
-    augment_on_device = args.augment == 'device' or (args.augment == 'auto' and device.type == 'cuda')
+    augment_on_device = args.augment == 'device'
     processes = f' x {world_size} processes' if world_size > 1 else ''
     logger.info(f'{title} {name} on {device}{processes}, {precision}, augmentation in the '
                 f'{"device" if augment_on_device else "loader"}\n{vars(args)}')

@@ -53,10 +53,9 @@ def training_flags():
                        help='mixed precision: the network in bfloat16 (float16 with gradient scaling on GPUs '
                             'without bfloat16), the losses in float32')
     speed.add_argument('--channels_last', action='store_true', help='channels-last memory format (faster convolutions on GPUs)')
-    speed.add_argument('--augment', default='auto', choices=['auto', 'loader', 'device'],
+    speed.add_argument('--augment', default='loader', choices=['loader', 'device'],
                        help='where the training augmentation runs: loader, per image with PIL in the loader '
-                            'processes; device, batched on the GPU (or CPU) after the transfer; auto: device on a '
-                            'GPU, loader on the CPU')
+                            'processes (the public code); device, batched on the GPU (or CPU) after the transfer')
     speed.add_argument('--log_every', default=20, type=int,
                        help='steps between progress updates and per-step tensorboardX scalars (the only times '
                             'the host waits for the GPU)')

@@ -44,6 +44,8 @@ def get_args_parser():
     parser.add_argument('--pretrain_steps', default=60, type=int, help='steps per pre-training epoch')
     parser.add_argument('--finetune_epochs', default=8, type=int)
     parser.add_argument('--finetune_batch', default=8, type=int, help='identities per fine-tuning batch (x 4 + 4 images)')
+    parser.add_argument('--starts', default='all',
+                        help=f'comma-separated starts to compare, or all: {RANDOM}, {", ".join(PRETRAINING)}')
     parser.add_argument('--jobs', default=1, type=int)
     parser.add_argument('--threads', default=1, type=int, help='torch threads of each job')
     parser.add_argument('--seed', default=0, type=int)
@@ -112,7 +114,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     from data_loader import prepare_dataset
     prepare_dataset('synthetic', args.data_path)
-    names = [RANDOM, *PRETRAINING]
+    names = [RANDOM, *PRETRAINING] if args.starts == 'all' else args.starts.split(',')
+    unknown = [name for name in names if name != RANDOM and name not in PRETRAINING]
+    if unknown:
+        sys.exit(f'error: --starts: unknown start(s) {unknown}: choose from {[RANDOM, *PRETRAINING]}')
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context('spawn')) as pool:
         futures = {name: pool.submit(run, name, args) for name in names}
         results = []

@@ -124,7 +124,8 @@ def main(argv=None):
             print(lines[-1], flush=True)
     if args.epoch_steps:
         lines += ['', '| whole train.py epoch (--pcc --part) | images/s |', '|---|---|']
-        for flags in ([], ['--augment', 'loader'], ['--augment', 'device'], ['--amp', '--channels_last']):
+        for flags in ([], ['--augment', 'device'], ['--amp', '--channels_last'],
+                      ['--amp', '--channels_last', '--augment', 'device']):
             lines.append(f'| {" ".join(flags) or "defaults"} | {time_epochs(args, flags):.0f} |')
             print(lines[-1], flush=True)
     table = '\n'.join(lines)
