@@ -7,7 +7,7 @@ A fine-tuning script brings its network, its step (losses) and its flags; this m
     identity_loader(run, trainset)      a loader over a fresh IdentitySampler: one per epoch
     initialise(run, net), load_pretrained(net, path, log)
                                         the backbone of an MMGL (or train.py state, AGW, DDAG) checkpoint
-    fit(run, net, optimizer, step, trainset, evaluator, select, shape_flags, ...)
+    fit(run, net, optimizer, step, trainset, evaluator, select, ...)
                                         engine.fit with identity-sampled epochs, evaluations and the
                                         public checkpoint files
 
@@ -142,13 +142,13 @@ def should_save(epoch, args):
     return (epoch > 0 and epoch % args.save_epoch == 0) or epoch == args.epochs - 1
 
 
-def fit(run, net, optimizer, step, trainset, evaluator, select, shape_flags, milestones=(20, 50), end_of_epoch=None,
-        unused_parameters=False, **objects):
+def fit(run, net, optimizer, step, trainset, evaluator, select, end_of_epoch=None, milestones=(20, 50),
+        **engine_options):
     """Fine-tune `net` with engine.fit: a new identity-sampled loader per epoch; after each epoch
     end_of_epoch(epoch, stats) (the method's own), then the evaluations of should_evaluate
     (SYSU-MM01 gallery draw 0, RegDB split --trial), <run>_best.t on the best Rank-1 of feature
-    `select` and <run>_epoch_N.t (should_save), on process 0. unused_parameters and objects go to
-    engine.fit.
+    `select` and <run>_epoch_N.t (should_save), on process 0. engine_options (shape_flags,
+    unused_parameters, the objects to save with the run) go to engine.fit.
     Returns engine.fit's statistics, with 'scores' {feature name: (cmc, mAP, mINP)} when evaluated.
     """
     args, logger, writer = run.args, run.logger, run.writer
@@ -177,8 +177,8 @@ def fit(run, net, optimizer, step, trainset, evaluator, select, shape_flags, mil
         if should_save(epoch, args):
             utils.save_checkpoint(record, run.model_path / f'{run.name}_epoch_{epoch}.t')
 
-    history = engine.fit(run, net, optimizer, step, lambda epoch: identity_loader(run, trainset),
-                         milestones, shape_flags, evaluate, unused_parameters, best=best, **objects)
+    history = engine.fit(run, net, optimizer, step, lambda epoch: identity_loader(run, trainset), milestones,
+                         end_of_epoch=evaluate, best=best, **engine_options)
     if best['epoch'] is not None:
         logger.info(f'best {select.upper()} Rank-1 {100 * best["rank1"]:.2f}% at epoch {best["epoch"]}')
     return history
