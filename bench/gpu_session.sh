@@ -8,13 +8,14 @@
 #      hits the time limit keeps its last state; test.py then judges its last weights).
 # Usage on the device machine, from the repository root (it writes under $OUT, default ./gpu_out):
 #   bash bench/gpu_session.sh [minutes per training run, default 6]
-# Packages the machine lacks (tensorboardX, matplotlib) are installed from wheels in .whl/ when present.
+# tensorboardX, which the machine lacks, is installed from .whl/ when present (fill it here with
+# `pip download tensorboardX -d .whl`, list .whl in .git/info/exclude and name it in the call's carry).
 set -uo pipefail
 minutes=${1:-6}
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 if [ -d .whl ]; then
-  pip install -q --no-index --find-links .whl --target /tmp/site tensorboardX matplotlib && export PYTHONPATH=/tmp/site
+  pip install -q --no-index --find-links .whl --target /tmp/site tensorboardX && export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/card.txt"
 python synthetic.py > "$out/synthetic.txt" 2>&1
