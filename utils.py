@@ -197,21 +197,6 @@ def make_optimizer(param_groups, lr, optim='sgd'):
     raise UserError(f'--optim {optim!r} is not known: use sgd or adam.')
 
 
-class AverageMeter:
-    """Running mean of a scalar."""
-
-    def __init__(self):
-        self.sum, self.count = 0.0, 0
-
-    def update(self, value, n=1):
-        self.sum += float(value) * n
-        self.count += n
-
-    @property
-    def avg(self):
-        return self.sum / max(self.count, 1)
-
-
 class Throughput:
     """Images per second and time left, for progress lines."""
 

@@ -45,7 +45,7 @@ def main(argv=None):
     visible, thermal = shuffle_stripes(visible, permutations), shuffle_stripes(thermal, permutations)
     permutations = torch.cat((permutations, permutations))
 
-    print(f'| arch | loss | value | backbone gradient norm |\n|---|---|---|---|')
+    print('| arch | loss | value | backbone gradient norm |\n|---|---|---|---|')
     for arch in args.archs.split(','):
         if arch not in ARCHS:
             raise utils.UserError(f'--archs: {arch!r} is not one of {ARCHS}.')

@@ -73,9 +73,9 @@ def test_augmentation_in_the_loader_or_on_the_device_feeds_the_same_kind_of_batc
     for where in ('loader', 'device'):
         args = mmgl_train.get_args_parser().parse_args(
             run_args(sysu_preprocessed.parent, sysu_preprocessed, '--augment', where, '--img_h', '96', '--img_w', '48'))
-        run = engine.Run(args, 'x', torch.device('cpu'), sysu_preprocessed, None, engine.NullWriter(),
+        logger = utils.make_logger(sysu_preprocessed.parent / f'augment_{where}.log')
+        run = engine.Run(args, 'x', torch.device('cpu'), sysu_preprocessed, logger, engine.NullWriter(),
                          precision=engine.Precision(False, torch.device('cpu')), augment_on_device=where == 'device')
-        run.logger = utils.make_logger(sysu_preprocessed.parent / f'augment_{where}.log')
         trainset = engine.training_set(run)
         torch.manual_seed(0)
         pairs = [(index, index % len(trainset.thermal_labels)) for index in range(32)]
