@@ -226,13 +226,23 @@ class MMGLNet(TwoStreamBackbone):
         embeddings = [conv(parts[:, :, i:i + 1]).flatten(1) for i, conv in enumerate(self.local_conv_list)]
         return F.normalize(torch.stack(embeddings, dim=1), dim=2)
 
-    def forward(self, x_visible, x_thermal, detach_embeddings=False):
+    def forward(self, x_visible, x_thermal, embedding_grad_scale=1.0):
         """x_visible: (B_v, 3, H, W), x_thermal: (B_t, 3, H, W), stripe-shuffled.
         Returns {'permutations': (B_v + B_t, S, S), 'embeddings': (B_v + B_t, P, D)}, visible first.
-        detach_embeddings: the embeddings' gradient stops at the backbone (trains the projections only)."""
+        embedding_grad_scale: the share of the embeddings' gradient that reaches the backbone (0: it
+        trains the projections only; the forward values are the same whatever the scale)."""
         feature_map = self.feature_map(x_visible, x_thermal)
         return {'permutations': self.permutation_head(feature_map),
-                'embeddings': self.part_embeddings(feature_map.detach() if detach_embeddings else feature_map)}
+                'embeddings': self.part_embeddings(scale_gradient(feature_map, embedding_grad_scale))}
+
+
+def scale_gradient(tensor, scale):
+    """The tensor itself, whose gradient is multiplied by `scale` on the way back (0: detached)."""
+    if scale == 1:
+        return tensor
+    if scale == 0:
+        return tensor.detach()
+    return tensor * scale + tensor.detach() * (1 - scale)
 
 
 def mmgl_config(state_dict):

@@ -56,6 +56,15 @@ def get_args_parser():
                         help='where the PCC gradient goes: heads, its part projections only (the default: with '
                              'the backbone too, permutation recovery stays at chance, see the README); backbone, '
                              'the projections and the backbone (the paper)')
+    parser.add_argument('--pcc_grad_scale', default=1.0, type=float,
+                        help='with --pcc_grad backbone: the share of the PCC gradient that reaches the backbone '
+                             '(its projections get all of it); 1 is the paper')
+    parser.add_argument('--pcc_start', default=0, type=int,
+                        help='with --pcc_grad backbone: the epoch from which the PCC gradient reaches the backbone '
+                             '(before, it trains the projections only)')
+    parser.add_argument('--pcc_views', default='shuffled', choices=['shuffled', 'plain'],
+                        help='the images PCC sees: shuffled, the stripe-shuffled ones of permutation recovery (one '
+                             'forward pass); plain, the same images unshuffled (in the same pass, twice the images)')
     parser.add_argument('--steps_per_epoch', default=0, type=int,
                         help='steps that make an epoch (0: one pass over the visible images); lets a small set '
                              "follow the paper's step budget and schedule")
@@ -71,7 +80,11 @@ def run_name(args):
     name += '_part' if args.part else ''
     name += f'_{args.pcc_form}' if args.pcc and args.pcc_form != 'cycle' else ''
     name += f'_{args.perm_input}' if args.perm_input != 'parts' else ''
-    name += '_pccbackbone' if args.pcc and args.pcc_grad == 'backbone' else ''
+    if args.pcc and args.pcc_grad == 'backbone':
+        name += '_pccbackbone'
+        name += f'{args.pcc_grad_scale:g}' if args.pcc_grad_scale != 1 else ''
+        name += f'_from{args.pcc_start}' if args.pcc_start else ''
+    name += '_plain' if args.pcc and args.pcc_views == 'plain' else ''
     name += f'_{args.perm_loss}' if args.perm_loss != 'mse' else ''
     name += f'_lr_{args.lr}_seed_{args.seed}'
     return name + (f'_trial_{args.trial}' if args.dataset == 'regdb' else '')
@@ -85,9 +98,12 @@ def check_args(args):
         raise utils.UserError('--part selects part embeddings for the PCC loss: add --pcc.')
     if args.num_stripe < 2:
         raise utils.UserError('--num_stripe must be at least 2.')
-    for flag, option in (('steps_per_epoch', '--steps_per_epoch'), ('cl_warmup', '--cl_warmup')):
+    for flag in ('steps_per_epoch', 'cl_warmup', 'pcc_start', 'pcc_grad_scale'):
         if getattr(args, flag) < 0:
-            raise utils.UserError(f'{option} must be 0 or more, got {getattr(args, flag)}.')
+            raise utils.UserError(f'--{flag} must be 0 or more, got {getattr(args, flag)}.')
+    moved = [flag for flag, default in (('pcc_grad_scale', 1.0), ('pcc_start', 0)) if getattr(args, flag) != default]
+    if moved and not (args.pcc and args.pcc_grad == 'backbone'):
+        raise utils.UserError(f'--{moved[0]} says how the PCC gradient reaches the backbone: add --pcc --pcc_grad backbone.')
     if args.pcc and args.pcc_form == 'figure' and args.batch_size < 2:
         raise utils.UserError('--pcc_form figure looks for neighbours in other images: use --batch-size 2 or more.')
 
@@ -101,6 +117,13 @@ def pcc_weight(epoch, args):
     return args.cl_weight
 
 
+def pcc_backbone_share(epoch, args):
+    """The share of the PCC gradient that reaches the backbone in an epoch (0: the projections only)."""
+    if args.pcc_grad == 'heads' or epoch < args.pcc_start:
+        return 0.0
+    return args.pcc_grad_scale
+
+
 def pcc_loss_of(embeddings, num_visible, args):
     """The PCC loss of the selected form on (B_v + B_t, P, D) embeddings, visible first."""
     visible = embeddings[:num_visible].flatten(0, 1)
@@ -112,21 +135,34 @@ def pcc_loss_of(embeddings, num_visible, args):
 
 def make_step(args):
     """The MMGL training step (see engine): shuffle the stripes of both batches, the i-th visible and
-    the i-th infrared image with one permutation, recover the permutations, add PCC with --pcc.
-    Identity labels are never read."""
+    the i-th infrared image with one permutation, recover the permutations, add PCC with --pcc
+    (on the part embeddings of the shuffled images, or with --pcc_views plain of the same images
+    unshuffled, which then go through the same forward pass). Identity labels are never read."""
+    plain_views = args.pcc and args.pcc_views == 'plain'
+
     def step(model, visible, thermal, labels, epoch):
-        permutations = random_permutations(len(visible), args.num_stripe, device=visible.device)
-        visible = shuffle_stripes(visible, permutations)
-        thermal = shuffle_stripes(thermal, permutations)
+        batch = len(visible)
+        permutations = random_permutations(batch, args.num_stripe, device=visible.device)
+        shuffled_visible = shuffle_stripes(visible, permutations)
+        shuffled_thermal = shuffle_stripes(thermal, permutations)
         permutations = torch.cat((permutations, permutations))
 
-        outputs = model(visible, thermal, detach_embeddings=args.pcc_grad == 'heads')
+        if plain_views:
+            outputs = model(torch.cat((shuffled_visible, visible)), torch.cat((shuffled_thermal, thermal)),
+                            embedding_grad_scale=pcc_backbone_share(epoch, args))
+            # rows: shuffled visible, plain visible, shuffled thermal, plain thermal
+            shuffled_rows = torch.cat((torch.arange(batch), torch.arange(2 * batch, 3 * batch))).to(visible.device)
+            predicted = outputs['permutations'][shuffled_rows]
+            embeddings = outputs['embeddings'][shuffled_rows + batch]
+        else:
+            outputs = model(shuffled_visible, shuffled_thermal, embedding_grad_scale=pcc_backbone_share(epoch, args))
+            predicted, embeddings = outputs['permutations'], outputs['embeddings']
         with utils.full_precision(visible.device):
-            perm_loss = permutation_loss(outputs['permutations'].float(), permutations, args.perm_loss)
+            perm_loss = permutation_loss(predicted.float(), permutations, args.perm_loss)
             cl_weight = pcc_weight(epoch, args)
-            pcc_loss = (pcc_loss_of(outputs['embeddings'].float(), len(visible), args) if args.pcc
+            pcc_loss = (pcc_loss_of(embeddings.float(), batch, args) if args.pcc
                         else torch.zeros((), device=visible.device))
-            exact, per_stripe = permutation_accuracy(outputs['permutations'], permutations)
+            exact, per_stripe = permutation_accuracy(predicted, permutations)
         return perm_loss + cl_weight * pcc_loss, {'perm_loss': perm_loss.detach(), 'pcc_loss': pcc_loss.detach(),
                                                   'perm_exact': exact, 'perm_stripe': per_stripe,
                                                   'cl_weight': cl_weight}

@@ -205,25 +205,33 @@ def test_parts_input_sees_where_each_stripe_lies():
             assert (not torch.allclose(model.permutation_head(feature_map), model.permutation_head(moved))) == differs
 
 
-def test_pcc_kept_in_its_heads_adds_nothing_to_the_backbone_gradient():
-    """--pcc_grad heads: the shared stages learn from permutation recovery alone; with the paper's
-    --pcc_grad backbone PCC changes their gradient."""
+def test_pcc_gradient_reaches_the_backbone_in_the_share_asked_for():
+    """embedding_grad_scale 0 (--pcc_grad heads): the shared stages learn from permutation recovery
+    alone; 1 (the paper's --pcc_grad backbone): PCC adds its whole gradient; 0.1 (--pcc_grad_scale
+    0.1): a tenth of it, while the part projections get all of theirs."""
     generator = torch.Generator().manual_seed(6)
     visible, thermal = torch.randn(4, 3, 48, 24, generator=generator), torch.randn(4, 3, 48, 24, generator=generator)
     permutations = torch.cat([random_permutations(4, 6, generator=generator)] * 2)
     model = MMGLNet('resnet18', 'two', num_stripe=6, part=True)
 
-    def backbone_gradient(pcc_weight, detach_embeddings):
+    def gradients(pcc_weight, embedding_grad_scale):
         model.zero_grad()
-        outputs = model(visible, thermal, detach_embeddings=detach_embeddings)
+        outputs = model(visible, thermal, embedding_grad_scale=embedding_grad_scale)
         embeddings = outputs['embeddings']
         loss = permutation_loss(outputs['permutations'], permutations) + pcc_weight * cycle_contrastive_loss(
             embeddings[:4].flatten(0, 1), embeddings[4:].flatten(0, 1))
         loss.backward()
-        return torch.cat([parameter.grad.flatten() for parameter in model.base_resnet.parameters()])
+        backbone = torch.cat([parameter.grad.flatten() for parameter in model.base_resnet.parameters()])
+        projections = torch.cat([parameter.grad.flatten() for parameter in model.local_conv_list.parameters()])
+        return backbone, projections
 
-    alone = backbone_gradient(0.0, False)
-    assert torch.allclose(backbone_gradient(0.5, True), alone, rtol=1e-5, atol=1e-9)
-    assert not torch.allclose(backbone_gradient(0.5, False), alone, rtol=1e-3, atol=1e-6)
-    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0
-               for parameter in model.local_conv_list.parameters())
+    alone, _ = gradients(0.0, 1.0)
+    heads_only, projections = gradients(0.5, 0.0)
+    assert torch.allclose(heads_only, alone, rtol=1e-5, atol=1e-9)
+    assert projections.abs().sum() > 0
+    whole, whole_projections = gradients(0.5, 1.0)
+    assert not torch.allclose(whole, alone, rtol=1e-3, atol=1e-6)
+    tenth, tenth_projections = gradients(0.5, 0.1)
+    assert torch.allclose(tenth, alone + 0.1 * (whole - alone), rtol=1e-4, atol=1e-7)
+    assert torch.allclose(tenth_projections, whole_projections, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(projections, whole_projections, rtol=1e-4, atol=1e-7)

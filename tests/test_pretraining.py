@@ -8,7 +8,7 @@ import torch
 import test as mmgl_test
 import train as mmgl_train
 from loss import cycle_contrastive_loss, figure_contrastive_loss
-from model import mmgl_config
+from model import MMGLNet, mmgl_config
 from tests.helpers import run_args
 from utils import REPO_ROOT, UserError
 
@@ -66,6 +66,35 @@ def test_every_new_pretraining_flag_reaches_the_run(tmp_path, sysu_preprocessed)
         assert torch.allclose(mmgl_train.pcc_loss_of(embeddings, 2, args), expected)
 
 
+def test_the_flags_that_let_pcc_shape_the_backbone_reach_the_network():
+    """--pcc_grad_scale and --pcc_start set the share of the PCC gradient the backbone gets, epoch by
+    epoch; --pcc_views plain puts the unshuffled images through the same forward pass and takes the
+    PCC embeddings from them, the permutations from the shuffled ones."""
+    args = mmgl_train.get_args_parser().parse_args(['--pcc', '--part', '--pcc_grad', 'backbone', '--pcc_grad_scale',
+                                                    '0.1', '--pcc_start', '2', '--pcc_views', 'plain'])
+    assert mmgl_train.run_name(args) == 'sysu_mmgl_two_resnet50_s6_pcc_part_pccbackbone0.1_from2_plain_lr_0.1_seed_0'
+    model = MMGLNet('resnet18', 'two', num_stripe=6, part=True, perm_input='parts').eval()
+    calls = []
+
+    def spy(visible, thermal, embedding_grad_scale):
+        calls.append((visible, thermal, embedding_grad_scale))
+        return model(visible, thermal, embedding_grad_scale=embedding_grad_scale)
+
+    generator = torch.Generator().manual_seed(3)
+    visible, thermal = torch.randn(2, 3, 48, 24, generator=generator), torch.randn(2, 3, 48, 24, generator=generator)
+    step = mmgl_train.make_step(args)
+    _, values = step(spy, visible, thermal, None, epoch=1)
+    _, later = step(spy, visible, thermal, None, epoch=2)
+    assert [scale for _, _, scale in calls] == [0.0, 0.1]
+    seen_visible, seen_thermal, _ = calls[0]
+    assert torch.equal(seen_visible[2:], visible) and torch.equal(seen_thermal[2:], thermal)
+    assert not torch.equal(seen_visible[:2], visible)  # the shuffled copies come first
+    with torch.no_grad():  # eval mode: the plain images' embeddings do not depend on the shuffled ones
+        plain = model(visible, thermal)['embeddings']
+    assert torch.allclose(values['pcc_loss'], mmgl_train.pcc_loss_of(plain, 2, args), atol=1e-5)
+    assert torch.allclose(later['pcc_loss'], values['pcc_loss'], atol=1e-5)
+
+
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path, sysu_preprocessed):
     common = ('--batch-size', '8', '--lr', '0.01', '--save_epoch', '1')
     straight = tmp_path / 'straight'
@@ -101,6 +130,8 @@ def test_resume_rejects_a_weights_file_and_other_flags(tmp_path, sysu_preprocess
     (('--img_h', '50'), 'not divisible by --num_stripe'),
     (('--part',), 'add --pcc'),
     (('--steps_per_epoch', '-1'), '--steps_per_epoch must be 0 or more'),
+    (('--pcc', '--pcc_grad_scale', '0.1'), 'add --pcc --pcc_grad backbone'),
+    (('--pcc', '--pcc_grad', 'backbone', '--pcc_start', '-1'), '--pcc_start must be 0 or more'),
     (('--pcc', '--pcc_form', 'figure', '--batch-size', '1'), 'other images'),
     (('--resume', 'missing_state.t'), 'no checkpoint file'),
 ])
