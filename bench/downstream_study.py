@@ -11,24 +11,21 @@ methods, for example 100 (chance Rank-1 1%):
 The folder --out receives results.json, table.md and, per run, its checkpoints and logs.
 """
 import argparse
-import contextlib
-import json
 import sys
 import time
-import traceback
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from study_tools import device_label, quietly, run_variants
 
 # MMGL pre-training variants: train.py flags on top of the defaults (SGD, lr 0.1, part-pooled head input).
 PRETRAINING = {
     'permutation only': (),
     'permutation + PCC cycle': ('--pcc', '--part', '--pcc_grad', 'backbone'),
     'permutation + PCC figure': ('--pcc', '--part', '--pcc_grad', 'backbone', '--pcc_form', 'figure'),
+    # a small share of PCC's gradient in the backbone, where permutation recovery still learns (README)
+    'permutation + PCC cycle share 0.005': ('--pcc', '--part', '--pcc_grad', 'backbone', '--pcc_grad_scale', '0.005'),
+    'permutation + PCC figure share 0.02': ('--pcc', '--part', '--pcc_grad', 'backbone', '--pcc_form', 'figure',
+                                            '--pcc_grad_scale', '0.02'),
 }
 RANDOM = 'random initialisation'
 
@@ -50,13 +47,6 @@ def get_args_parser():
     parser.add_argument('--threads', default=1, type=int, help='torch threads of each job')
     parser.add_argument('--seed', default=0, type=int)
     return parser
-
-
-def quietly(log_file, function, *arguments):
-    """function(*arguments) with its console output sent to log_file."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, 'w') as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        return function(*arguments)
 
 
 def run(name, args):
@@ -86,9 +76,7 @@ def run(name, args):
         quietly(folder / 'finetune.txt', agw_train.main, finetune)
         best = folder / f'{agw_model.run_name(agw_train.get_args_parser().parse_args(finetune))}_best.t'
         scores = quietly(folder / 'test.txt', agw_test.main, data + ['--resume', str(best)])
-    except (Exception, SystemExit) as error:
-        with open(folder / 'error.txt', 'w') as log:
-            traceback.print_exc(file=log)
+    except (Exception, SystemExit) as error:  # a failed run stays in the table; its log has the traceback
         return {'name': name, 'error': f'{type(error).__name__}: {error}'}
     return {'name': name, 'seconds': time.time() - start,
             'scores': {feature: {'rank1': float(result['cmc'][0]), 'mAP': float(result['mAP']),
@@ -118,17 +106,16 @@ def main(argv=None):
     unknown = [name for name in names if name != RANDOM and name not in PRETRAINING]
     if unknown:
         sys.exit(f'error: --starts: unknown start(s) {unknown}: choose from {[RANDOM, *PRETRAINING]}')
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context('spawn')) as pool:
-        futures = {name: pool.submit(run, name, args) for name in names}
-        results = []
-        for name, future in futures.items():
-            results.append(future.result())
-            print(json.dumps(results[-1]), flush=True)
-    (out / 'results.json').write_text(json.dumps(results, indent=1))
+
+    def summary(result):
+        return ', '.join(f'{feature} Rank-1 {100 * scores["rank1"]:.2f}% mAP {100 * scores["mAP"]:.2f}%'
+                         for feature, scores in result['scores'].items())
+
+    results = run_variants(run, names, args, [RANDOM, *PRETRAINING], summary)
     setting = (f'AGW fine-tuning of {args.arch} at {args.img_h}x{args.img_w} for {args.finetune_epochs} epochs '
                f'(lr 0.1, {args.finetune_batch} ids x 4 + 4 images); MMGL pre-training {args.pretrain_epochs} epochs x '
                f'{args.pretrain_steps} steps of 8+8 images; {args.data_path}; 10 gallery trials averaged; '
-               f'CPU, {args.threads} thread(s) per job, {args.jobs} job(s) at once')
+               f'{device_label(args)}')
     write_table(results, out / 'table.md', setting)
     print((out / 'table.md').read_text())
 

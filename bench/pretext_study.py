@@ -13,18 +13,11 @@ The folder --out receives:
         --steps_per_epoch 60 --jobs 2
 """
 import argparse
-import contextlib
-import json
 import sys
 import time
-import traceback
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from study_tools import device_label, quietly, run_variants
 
 # The paper's command, with the paper's choices where train.py's defaults deviate from it (the
 # global-average head input, PCC's gradient in the backbone); each variant adds or overrides flags.
@@ -47,6 +40,13 @@ VARIANTS = {
     'parts+w0.05': ('--perm_input', 'parts', '--cl_weight', '0.05'),
     'parts+warmup': ('--perm_input', 'parts', '--cl_warmup', '10'),
     'parts+figure': ('--perm_input', 'parts', '--pcc_form', 'figure'),
+    # letting PCC shape the backbone without stopping permutation recovery
+    'parts+share0.1': ('--perm_input', 'parts', '--pcc_grad_scale', '0.1'),
+    'parts+share0.02': ('--perm_input', 'parts', '--pcc_grad_scale', '0.02'),
+    'parts+share0.005': ('--perm_input', 'parts', '--pcc_grad_scale', '0.005'),
+    'parts+figure+share0.02': ('--perm_input', 'parts', '--pcc_form', 'figure', '--pcc_grad_scale', '0.02'),
+    'parts+from5': ('--perm_input', 'parts', '--pcc_start', '5'),
+    'parts+plain': ('--perm_input', 'parts', '--pcc_views', 'plain'),
     # train.py's defaults: PCC trains its projections only
     'default': ('--perm_input', 'parts', '--pcc_grad', 'heads'),
     'default+onestream': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--stream', 'one'),
@@ -105,17 +105,15 @@ def run_variant(name, args):
                                    '--steps_per_epoch', str(args.steps_per_epoch), '--save_epoch', str(args.epochs),
                                    '--model_path', str(folder), '--log_path', str(folder),
                                    '--vis_log_path', str(folder / 'vis')]
-    log_file = Path(args.out) / 'logs' / f'{folder.name}.txt'
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+
+    log_file = Path(args.out) / 'logs' / f'{name}.txt'
     start = time.time()
-    with open(log_file, 'w') as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            history = mmgl_train.main(train_argv)
-            weights = folder / f'{mmgl_train.run_name(mmgl_train.get_args_parser().parse_args(train_argv))}_epoch_{args.epochs}.t'
-            results = mmgl_test.main(common + ['--resume', str(weights)])
-        except (Exception, SystemExit) as error:  # a failed variant stays in the table
-            traceback.print_exc()
-            return {'name': name, 'flags': flags, 'error': f'{type(error).__name__}: {error}'}
+    try:
+        history = quietly(log_file, mmgl_train.main, train_argv)
+        weights = folder / f'{mmgl_train.run_name(mmgl_train.get_args_parser().parse_args(train_argv))}_epoch_{args.epochs}.t'
+        results = quietly(log_file.parent / f'{name}.test.txt', mmgl_test.main, common + ['--resume', str(weights)])
+    except (Exception, SystemExit) as error:  # a failed variant stays in the table
+        return {'name': name, 'flags': flags, 'error': f'{type(error).__name__}: {error}'}
     test = {'perm_exact': results['perm_exact'], 'perm_stripe': results['perm_stripe'],
             'rank1': float(results['cmc'][0]), 'mAP': float(results['mAP'])}
     return {'name': name, 'flags': flags, 'history': history, 'test': test, 'seconds': time.time() - start}
@@ -152,11 +150,11 @@ def plot_curves(results, path):
     figure, axes = plt.subplots(1, 3, figsize=(17, 5))
     panels = (('perm_exact', 'exact permutation accuracy (train)'),
               ('perm_stripe', 'per-stripe accuracy (train)'), ('pcc_loss', 'PCC loss'))
-    colours = plt.get_cmap('tab20').colors  # twenty distinct colours; dashes tell the second ten apart
+    colours = plt.get_cmap('tab10').colors  # ten colours, then the same ten dashed, then dotted
     for index, result in enumerate(results):
         if 'error' in result:
             continue
-        style = dict(color=colours[index % 20], linestyle='-' if index % 2 == 0 else '--', label=result['name'])
+        style = dict(color=colours[index % 10], linestyle=('-', '--', ':')[index // 10 % 3], label=result['name'])
         steps = [epoch['steps'] for epoch in result['history']]
         for axis, (key, _) in zip(axes, panels):
             if key == 'pcc_loss' and '--pcc' not in result['flags']:
@@ -166,8 +164,8 @@ def plot_curves(results, path):
         axis.set_title(title)
         axis.set_xlabel('training steps')
         axis.grid(alpha=0.3)
-    axes[0].axhline(1 / 720, color='grey', linestyle=':', label='chance')
-    axes[1].axhline(1 / 6, color='grey', linestyle=':', label='chance')
+    axes[0].axhline(1 / 720, color='black', linestyle='-.', linewidth=0.8, label='chance')
+    axes[1].axhline(1 / 6, color='black', linestyle='-.', linewidth=0.8, label='chance')
     axes[0].legend(fontsize=7, loc='upper left')
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -185,27 +183,14 @@ def main(argv=None):
     from data_loader import prepare_dataset
     prepare_dataset(args.dataset, args.data_path, need_train_arrays=args.dataset != 'regdb')
 
-    results_file = out / 'results.json'
-    done = {result['name']: result for result in json.loads(results_file.read_text())} if results_file.is_file() else {}
-    todo = [name for name in names if name not in done or 'error' in done[name]]
-    print(f'{len(todo)} variant(s) to run, {len(names) - len(todo)} already in {results_file}', flush=True)
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context('spawn')) as pool:
-        futures = {name: pool.submit(run_variant, name, args) for name in todo}
-        for name, future in futures.items():
-            done[name] = future.result()
-            result = done[name]
-            summary = result.get('error') or (f'test exact {100 * result["test"]["perm_exact"]:.1f}%, per stripe '
-                                              f'{100 * result["test"]["perm_stripe"]:.1f}%')
-            print(f'{name}: {summary}', flush=True)
-            # every result so far, also of variants not asked for this time, in the order of VARIANTS
-            results_file.write_text(json.dumps([done[key] for key in VARIANTS if key in done], indent=1))
-    ordered = [done[name] for name in names]
-    import torch
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {args.threads} thread(s) per job'
+    def summary(result):
+        return f'test exact {100 * result["test"]["perm_exact"]:.1f}%, per stripe {100 * result["test"]["perm_stripe"]:.1f}%'
+
+    ordered = run_variants(run_variant, names, args, list(VARIANTS), summary)
     setting = (f'{args.arch}, {args.img_h}x{args.img_w}, batch {args.batch_size}+{args.batch_size}, ' +
                (f'{args.epochs} epochs of {args.steps_per_epoch} steps, ' if args.steps_per_epoch else
                 f'{args.epochs} epochs of one pass over the visible images, ') +
-               f'{args.dataset}, seed {args.seed}, on {device}, {args.jobs} job(s) at once')
+               f'{args.dataset}, seed {args.seed}, on {device_label(args)}')
     write_table(ordered, out / 'table.md', setting)
     plot_curves(ordered, out / 'curves.png')
     print((out / 'table.md').read_text())
