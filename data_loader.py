@@ -220,14 +220,17 @@ class RankShare(Sampler):
     batch_size consecutive items, and process `rank` of `world_size` takes batches rank,
     rank + world_size, ... Every process makes the same draw (same seed, same generator states), so
     the shares are disjoint and together cover it; the last incomplete round of batches is dropped,
-    so every process runs the same number of steps. With world_size 1 it is the sampler itself, less
-    an incomplete last batch (which the loaders drop anyway)."""
+    so every process runs the same number of steps. With several processes the draw is made when the
+    share is built (engine.fit seeds every process alike just for it); with world_size 1 it is made
+    when iterated, and the share is the sampler itself, less an incomplete last batch (which the
+    loaders drop anyway)."""
 
     def __init__(self, sampler, batch_size, rank=0, world_size=1):
         self.sampler, self.batch_size, self.rank, self.world_size = sampler, batch_size, rank, world_size
+        self.draw = list(sampler) if world_size > 1 else None
 
     def __iter__(self):
-        items = list(self.sampler)
+        items = self.draw if self.draw is not None else list(self.sampler)
         rounds = len(items) // (self.batch_size * self.world_size)
         for batch in range(self.rank, rounds * self.world_size, self.world_size):
             yield from items[batch * self.batch_size:(batch + 1) * self.batch_size]

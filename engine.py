@@ -11,7 +11,8 @@ the engine does the rest, written once for the three:
                                     a DataLoader over this process's share of the sampler's draw
     fit(run, model, optimizer, step, make_loader, milestones, ...)
                                     the epoch loop: learning-rate schedule, train_one_epoch,
-                                    end_of_epoch, the log line, <run>_state.t, resume, DDP
+                                    end_of_epoch, the log line, <run>_state.t, resume, DDP (one draw
+                                    of images shared out, each process its own augmentation)
     train_one_epoch(run, model, optimizer, step, loader, epoch)
                                     one pass with progress (images/s, ETA) and tensorboardX
     Precision                       --amp: autocast and the gradient scaler
@@ -287,6 +288,24 @@ def train_one_epoch(run, model, optimizer, step, loader, epoch):
     return stats
 
 
+def epoch_loader(run, make_loader, epoch):
+    """make_loader(epoch), and under torchrun the generators of each process for the epoch: the
+    loader's draw of images is made with every process seeded alike (so that their shares are
+    disjoint), then each process is seeded apart, so that augmentation, stripe shuffles and loader
+    workers differ between processes. The seeds depend on --seed, the epoch and the rank only, so
+    a resumed run draws what the uninterrupted one drew. One process: make_loader(epoch) alone."""
+    if not run.distributed:
+        return make_loader(epoch)
+
+    def seed(*keys):
+        utils.set_seed(int(np.random.SeedSequence([run.args.seed, epoch, *keys]).generate_state(1)[0]))
+
+    seed()
+    loader = make_loader(epoch)
+    seed(run.rank + 1)
+    return loader
+
+
 def check_replicas_agree(run, model):
     """Under torchrun: stop unless every process ends with the same weights (a float64 checksum of
     the parameters); returns the checksum."""
@@ -310,7 +329,7 @@ def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), en
     share. With --channels_last the weights are kept channels-last; under torchrun the step gets the
     model wrapped in DistributedDataParallel (with --sync_bn, synchronised batch norm first; say
     unused_parameters when some parameters take no part in the loss), and the processes must end
-    with equal weights.
+    with equal weights. With --compile the step gets the network through torch.compile.
     """
     args, logger, writer = run.args, run.logger, run.writer
     objects = {'model': model, 'optimizer': optimizer, 'grad_scaler': run.precision, **objects}
@@ -330,13 +349,15 @@ def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), en
             trained = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # shares the parameters
         trained = DistributedDataParallel(trained, device_ids=[run.device] if run.device.type == 'cuda' else None,
                                           find_unused_parameters=unused_parameters)
+    if args.compile:  # the step gets the compiled network; evaluation and the files use the plain one
+        trained = torch.compile(trained)
 
     history = []
     for epoch in range(start_epoch, args.epochs):
         lr = utils.warmup_step_lr(epoch, args.lr, milestones)
         utils.set_lr(optimizer, lr)
         start = time.time()
-        loader = make_loader(epoch)
+        loader = epoch_loader(run, make_loader, epoch)
         stats = train_one_epoch(run, trained, optimizer, step, loader, epoch)
         stats.update(epoch=epoch, lr=lr, steps=(epoch + 1) * len(loader))
         shown = ' '.join(f'{name} {value:.4f}' for name, value in stats.items()

@@ -1,4 +1,5 @@
 """The three training scripts under torchrun: 2 processes on the CPU (gloo), a few steps each."""
+import argparse
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 import numpy as np
 import torch
 
+import engine
 import utils
 from AGW.agw_model import embed_net as agw_net
 from DDAG.ddag_model import embed_net as ddag_net
@@ -52,6 +54,24 @@ def test_rank_shares_are_disjoint_equal_and_cover_the_draw():
     assert len(share) == len(sampler) // 12 * 6
     for start in range(0, len(share), 6):
         assert len({int(labels[v]) for v, _ in share[start:start + 6]}) == 3
+
+
+def test_under_torchrun_processes_share_one_draw_of_images_and_augment_apart():
+    """engine.epoch_loader: the processes' shares of the epoch's draw are disjoint, each process's
+    generators then differ from the others' (augmentation, stripe shuffles), and both are the same
+    whatever ran before (a resumed run draws as the uninterrupted one)."""
+    def epoch_of(rank, epoch, noise_before):
+        torch.manual_seed(noise_before)  # what earlier epochs, or process 0's evaluation, left behind
+        run = engine.Run(argparse.Namespace(seed=0), 'x', torch.device('cpu'), None, None, None, rank=rank, world_size=2)
+        loader = engine.epoch_loader(run, lambda epoch: RankShare(UnpairedSampler(40, 30), 4, rank, 2), epoch)
+        return list(loader), torch.rand(3)
+
+    (share_0, random_0), (share_1, random_1) = epoch_of(0, 5, noise_before=1), epoch_of(1, 5, noise_before=2)
+    assert len(share_0) == len(share_1) == 20 and not set(share_0) & set(share_1)
+    assert not torch.equal(random_0, random_1)
+    again, random_again = epoch_of(0, 5, noise_before=3)
+    assert again == share_0 and torch.equal(random_again, random_0)
+    assert epoch_of(0, 6, noise_before=1)[0] != share_0  # a new draw every epoch
 
 
 def test_pretraining_under_torchrun_stays_in_sync_writes_once_and_resumes_exactly(tmp_path, sysu_preprocessed):
