@@ -59,5 +59,7 @@ def training_flags():
     speed.add_argument('--log_every', default=20, type=int,
                        help='steps between progress updates and per-step tensorboardX scalars (the only times '
                             'the host waits for the GPU)')
+    speed.add_argument('--compile', action='store_true',
+                       help='torch.compile the network for training (the first steps pay for the compilation)')
     speed.add_argument('--sync_bn', action='store_true', help='under torchrun: batch norm statistics over every GPU')
     return parser

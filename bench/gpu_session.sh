@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU measurement the open issues ask for, in one call of about 9 minutes (under the 10-minute limit of a device call) on one H100/H200:
 #   1. bench/throughput.py at full size (ResNet-50, 288x144, batch 32+32): the three training steps in
-#      fp32 and --amp, and whole train.py epochs;
+#      fp32, --amp, --channels_last and --compile, and whole train.py epochs;
 #   2. the full-size pre-training study (two runs side by side, each under `timeout`): the default
 #      command in fp32 with the loader's augmentation, and the same with --amp --channels_last
 #      --augment device, 100 epochs x 100 steps = the 10,000 steps of the 90% target (a run that
 #      hits the time limit keeps its last state; test.py then judges its last weights).
 # Usage on the device machine, from the repository root (it writes under $OUT, default ./gpu_out):
-#   bash bench/gpu_session.sh [minutes per training run, default 6]
+#   bash bench/gpu_session.sh [minutes per training run, default 4]
 # tensorboardX, which the machine lacks, is installed from .whl/ when present (fill it here with
 # `pip download tensorboardX -d .whl`, list .whl in .git/info/exclude and name it in the call's carry).
 set -uo pipefail
-minutes=${1:-6}
+minutes=${1:-4}
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -20,7 +20,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/card.txt"
 python synthetic.py > "$out/synthetic.txt" 2>&1
 
-python bench/throughput.py --steps 20 --epoch_steps 30 --workers 8 --out "$out/throughput.md" > "$out/throughput.log" 2>&1 &
+timeout 300 python bench/throughput.py --steps 10 --epoch_steps 30 --workers 8 --out "$out/throughput.md" > "$out/throughput.log" 2>&1 &
 throughput=$!
 wait $throughput
 

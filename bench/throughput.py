@@ -1,6 +1,6 @@
 """Training speed on the device present: ms per step, images/s and peak GPU memory of the MMGL, AGW
-and DDAG training steps in float32 and with --amp (and --channels_last), then images/s of whole
-train.py epochs with the loader (and with the augmentation on the device).
+and DDAG training steps in float32 and with --amp (and --channels_last, and --compile), then images/s
+of whole train.py epochs with the loader (and with the augmentation on the device).
 
     python bench/throughput.py                                       # GPU: 288x144, batch 32+32
     python bench/throughput.py --img_h 96 --img_w 48 --batch 8 --arch resnet18 --epoch_steps 10   # CPU
@@ -30,8 +30,10 @@ from DDAG import train_ddag  # noqa: E402
 from DDAG.ddag_model import build_net as build_ddag  # noqa: E402
 from model import ARCHS, MMGLNet  # noqa: E402
 
-PRECISIONS = {'fp32': dict(amp=False, channels_last=False), 'amp': dict(amp=True, channels_last=False),
-              'amp + channels_last': dict(amp=True, channels_last=True)}
+PRECISIONS = {'fp32': dict(amp=False, channels_last=False, compile=False),
+              'amp': dict(amp=True, channels_last=False, compile=False),
+              'amp + channels_last': dict(amp=True, channels_last=True, compile=False),
+              'amp + channels_last + compile': dict(amp=True, channels_last=True, compile=True)}
 CLASSES = 395  # SYSU-MM01's training identities
 
 
@@ -63,8 +65,9 @@ def networks_and_steps(args):
     }
 
 
-def time_step(build, step, precision, channels_last, args, device):
-    """(ms per step, peak GPU memory in GiB or None) of one method's training step."""
+def time_step(build, step, precision, channels_last, compiled, args, device):
+    """(ms per step, peak GPU memory in GiB or None) of one method's training step (with compile,
+    of the torch.compile'd network; the warm-up steps pay for the compilation)."""
     torch.manual_seed(0)
     model = build().to(device).train()
     params = model.optimizer_groups(0.01) if hasattr(model, 'optimizer_groups') else model.parameters()
@@ -76,9 +79,11 @@ def time_step(build, step, precision, channels_last, args, device):
     ids = torch.arange(args.batch, device=device) // 4  # identities of 4 images each, as in AGW/DDAG batches
     labels = torch.cat((ids, ids))
 
+    trained = torch.compile(model) if compiled else model
+
     def one_step():
         with precision.autocast():
-            loss, _ = step(model, visible, thermal, labels, epoch=20)
+            loss, _ = step(trained, visible, thermal, labels, epoch=20)
         precision.backward_and_step(loss, optimizer)
 
     for _ in range(args.warmup):
@@ -118,14 +123,16 @@ def main(argv=None):
         for name in args.precisions.split(','):
             options = PRECISIONS[name]
             precision = engine.Precision(options['amp'], device)
-            milliseconds, peak = time_step(build, step, precision, options['channels_last'], args, device)
+            milliseconds, peak = time_step(build, step, precision, options['channels_last'], options['compile'],
+                                           args, device)
             lines.append(f'| {method} | {name} ({precision}) | {milliseconds:.1f} | '
                          f'{2 * args.batch * 1000 / milliseconds:.0f} | {"-" if peak is None else f"{peak:.2f}"} |')
             print(lines[-1], flush=True)
     if args.epoch_steps:
         lines += ['', '| whole train.py epoch (--pcc --part) | images/s |', '|---|---|']
         for flags in ([], ['--augment', 'device'], ['--amp', '--channels_last'],
-                      ['--amp', '--channels_last', '--augment', 'device']):
+                      ['--amp', '--channels_last', '--augment', 'device'],
+                      ['--amp', '--channels_last', '--augment', 'device', '--compile']):
             lines.append(f'| {" ".join(flags) or "defaults"} | {time_epochs(args, flags):.0f} |')
             print(lines[-1], flush=True)
     table = '\n'.join(lines)

@@ -85,3 +85,20 @@ def test_augmentation_in_the_loader_or_on_the_device_feeds_the_same_kind_of_batc
     loader, device = batches['loader'], batches['device']
     assert loader.shape == device.shape == (32, 3, 96, 48) and loader.dtype == device.dtype == torch.float32
     assert abs(loader.mean() - device.mean()) < 0.05 and abs(loader.std() - device.std()) < 0.05
+
+
+def test_a_compiled_network_trains_to_the_weights_of_the_plain_one(tmp_path, sysu_preprocessed):
+    """--compile: train.py steps through torch.compile's network (inductor on the CPU), and two steps
+    end with the weights of the same run without it, up to float rounding."""
+    flags = ('--arch', 'resnet18', '--batch-size', '2', '--steps_per_epoch', '2', '--epochs', '1', '--pcc', '--part',
+             '--lr', '0.01')
+    torch._dynamo.reset()
+    mmgl_train.main(run_args(tmp_path / 'plain', sysu_preprocessed, *flags))
+    compiled_runs = torch._dynamo.utils.counters['stats']['unique_graphs']
+    mmgl_train.main(run_args(tmp_path / 'compiled', sysu_preprocessed, *flags, '--compile'))
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] > compiled_runs  # dynamo traced the network
+    plain = utils.load_checkpoint(tmp_path / 'plain' / 'save_model' / f'{MMGL_RUN.replace("0.1", "0.01")}_epoch_1.t')
+    compiled = utils.load_checkpoint(tmp_path / 'compiled' / 'save_model' / f'{MMGL_RUN.replace("0.1", "0.01")}_epoch_1.t')
+    assert plain.keys() == compiled.keys()  # the files hold the plain network's keys, no _orig_mod. prefix
+    for key, value in plain.items():
+        assert torch.allclose(compiled[key].float(), value.float(), rtol=1e-3, atol=1e-4), key
