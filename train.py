@@ -96,6 +96,8 @@ def check_args(args):
                               f'choose sizes whose stripes have equal height.')
     if args.part and not args.pcc:
         raise utils.UserError('--part selects part embeddings for the PCC loss: add --pcc.')
+    if args.pcc_views != 'shuffled' and not args.pcc:
+        raise utils.UserError('--pcc_views chooses the images the PCC loss sees: add --pcc.')
     if args.num_stripe < 2:
         raise utils.UserError('--num_stripe must be at least 2.')
     for flag in ('steps_per_epoch', 'cl_warmup', 'pcc_start', 'pcc_grad_scale'):

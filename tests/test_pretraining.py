@@ -131,6 +131,7 @@ def test_resume_rejects_a_weights_file_and_other_flags(tmp_path, sysu_preprocess
     (('--part',), 'add --pcc'),
     (('--steps_per_epoch', '-1'), '--steps_per_epoch must be 0 or more'),
     (('--pcc', '--pcc_grad_scale', '0.1'), 'add --pcc --pcc_grad backbone'),
+    (('--pcc_views', 'plain'), 'the images the PCC loss sees: add --pcc'),
     (('--pcc', '--pcc_grad', 'backbone', '--pcc_start', '-1'), '--pcc_start must be 0 or more'),
     (('--pcc', '--pcc_form', 'figure', '--batch-size', '1'), 'other images'),
     (('--resume', 'missing_state.t'), 'no checkpoint file'),
