@@ -153,7 +153,8 @@ def make_step(args):
             outputs = model(torch.cat((shuffled_visible, visible)), torch.cat((shuffled_thermal, thermal)),
                             embedding_grad_scale=pcc_backbone_share(epoch, args))
             # rows: shuffled visible, plain visible, shuffled thermal, plain thermal
-            shuffled_rows = torch.cat((torch.arange(batch), torch.arange(2 * batch, 3 * batch))).to(visible.device)
+            shuffled_rows = torch.cat((torch.arange(batch, device=visible.device),
+                                       torch.arange(2 * batch, 3 * batch, device=visible.device)))
             predicted = outputs['permutations'][shuffled_rows]
             embeddings = outputs['embeddings'][shuffled_rows + batch]
         else:
