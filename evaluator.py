@@ -181,8 +181,8 @@ def run_test(args, build_net, feature_names, default_checkpoint, unused_prefixes
         trials = list(range(1, 11)) if args.trial == 0 else [args.trial]
         if len(trials) > 1 and '{trial}' not in pattern:
             raise utils.UserError('--trial 0 tests the ten RegDB splits, each with its own checkpoint: write '
-                                  f'"{{trial}}" in --resume where the split number goes (e.g. '
-                                  f'regdb_agw_p4_n8_lr_0.1_seed_0_trial_{{trial}}_best.t), or pass --trial K.')
+                                  '"{trial}" in --resume where the split number goes (e.g. '
+                                  'regdb_agw_p4_n8_lr_0.1_seed_0_trial_{trial}_best.t), or pass --trial K.')
         files = {trial: pattern.replace('{trial}', str(trial)) for trial in trials}
     else:
         files = {None: pattern}
