@@ -149,17 +149,15 @@ def make_step(args):
         shuffled_thermal = shuffle_stripes(thermal, permutations)
         permutations = torch.cat((permutations, permutations))
 
-        if plain_views:
-            outputs = model(torch.cat((shuffled_visible, visible)), torch.cat((shuffled_thermal, thermal)),
-                            embedding_grad_scale=pcc_backbone_share(epoch, args))
-            # rows: shuffled visible, plain visible, shuffled thermal, plain thermal
+        inputs = (shuffled_visible, shuffled_thermal)
+        if plain_views:  # the unshuffled images ride along in the same pass, for PCC only
+            inputs = (torch.cat((shuffled_visible, visible)), torch.cat((shuffled_thermal, thermal)))
+        outputs = model(*inputs, embedding_grad_scale=pcc_backbone_share(epoch, args))
+        predicted, embeddings = outputs['permutations'], outputs['embeddings']
+        if plain_views:  # rows: shuffled visible, plain visible, shuffled thermal, plain thermal
             shuffled_rows = torch.cat((torch.arange(batch, device=visible.device),
                                        torch.arange(2 * batch, 3 * batch, device=visible.device)))
-            predicted = outputs['permutations'][shuffled_rows]
-            embeddings = outputs['embeddings'][shuffled_rows + batch]
-        else:
-            outputs = model(shuffled_visible, shuffled_thermal, embedding_grad_scale=pcc_backbone_share(epoch, args))
-            predicted, embeddings = outputs['permutations'], outputs['embeddings']
+            predicted, embeddings = predicted[shuffled_rows], embeddings[shuffled_rows + batch]
         with utils.full_precision(visible.device):
             perm_loss = permutation_loss(predicted.float(), permutations, args.perm_loss)
             cl_weight = pcc_weight(epoch, args)
