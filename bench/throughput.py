@@ -34,6 +34,9 @@ PRECISIONS = {'fp32': dict(amp=False, channels_last=False, compile=False),
               'amp': dict(amp=True, channels_last=False, compile=False),
               'amp + channels_last': dict(amp=True, channels_last=True, compile=False),
               'amp + channels_last + compile': dict(amp=True, channels_last=True, compile=True)}
+EPOCH_FLAGS = ((), ('--augment', 'device'), ('--amp', '--channels_last'),
+               ('--amp', '--channels_last', '--augment', 'device'),
+               ('--amp', '--channels_last', '--augment', 'device', '--compile'))
 CLASSES = 395  # SYSU-MM01's training identities
 
 
@@ -119,22 +122,31 @@ def main(argv=None):
     lines = [f'{card}, torch {torch.__version__}, {args.arch} {args.img_h}x{args.img_w}, '
              f'{args.batch}+{args.batch} images a step', '',
              '| training step | precision | ms/step | images/s | peak GPU memory (GiB) |', '|---|---|---|---|---|']
-    for method, (build, step) in networks_and_steps(args).items():
-        for name in args.precisions.split(','):
-            options = PRECISIONS[name]
-            precision = engine.Precision(options['amp'], device)
-            milliseconds, peak = time_step(build, step, precision, options['channels_last'], options['compile'],
-                                           args, device)
-            lines.append(f'| {method} | {name} ({precision}) | {milliseconds:.1f} | '
-                         f'{2 * args.batch * 1000 / milliseconds:.0f} | {"-" if peak is None else f"{peak:.2f}"} |')
-            print(lines[-1], flush=True)
-    if args.epoch_steps:
-        lines += ['', '| whole train.py epoch (--pcc --part) | images/s |', '|---|---|']
-        for flags in ([], ['--augment', 'device'], ['--amp', '--channels_last'],
-                      ['--amp', '--channels_last', '--augment', 'device'],
-                      ['--amp', '--channels_last', '--augment', 'device', '--compile']):
-            lines.append(f'| {" ".join(flags) or "defaults"} | {time_epochs(args, flags):.0f} |')
-            print(lines[-1], flush=True)
+    # Compiled rows come last in each table: they pay for the compilation, so a run cut short by a
+    # time limit has printed every plain row first (the tables keep the PRECISIONS order).
+    step_rows, epoch_rows = {}, {}
+    networks = networks_and_steps(args)
+    for compiled in (False, True):
+        for method, (build, step) in networks.items():
+            for name in args.precisions.split(','):
+                options = PRECISIONS[name]
+                if options['compile'] != compiled:
+                    continue
+                precision = engine.Precision(options['amp'], device)
+                milliseconds, peak = time_step(build, step, precision, options['channels_last'], compiled,
+                                               args, device)
+                step_rows[method, name] = (f'| {method} | {name} ({precision}) | {milliseconds:.1f} | '
+                                           f'{2 * args.batch * 1000 / milliseconds:.0f} | '
+                                           f'{"-" if peak is None else f"{peak:.2f}"} |')
+                print(step_rows[method, name], flush=True)
+        for flags in EPOCH_FLAGS if args.epoch_steps else ():
+            if ('--compile' in flags) == compiled:
+                epoch_rows[flags] = f'| {" ".join(flags) or "defaults"} | {time_epochs(args, list(flags)):.0f} |'
+                print(epoch_rows[flags], flush=True)
+    lines += [step_rows[method, name] for method in networks for name in args.precisions.split(',')]
+    if epoch_rows:
+        lines += ['', '| whole train.py epoch (--pcc --part) | images/s |', '|---|---|',
+                  *(epoch_rows[flags] for flags in EPOCH_FLAGS)]
     table = '\n'.join(lines)
     print('\n' + table)
     if args.out:
