@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open issues ask for, in one call of about 9 minutes (under the 10-minute limit
-# of a device call) on one H100/H200:
-#   1. bench/throughput.py at full size (ResNet-50, 288x144, batch 32+32), alone on the card: the three
-#      training steps in fp32, --amp, --channels_last, then whole train.py epochs, then the --compile rows
-#      (last, as they pay for compilation: a time limit cuts those first);
-#   2. the full-size pre-training study, two runs side by side, each under `timeout`: the paper's command
-#      (--pcc --part, SGD lr 0.1) in fp32 with the loader's augmentation, and the same with --amp
-#      --channels_last --augment device; 100 epochs x 100 steps = the 10,000 steps of #9's 90% target.
-#      A run that hits its time limit keeps its last saved weights (every 5 epochs), which test.py judges
-#      on the held-out identities.
-# Usage on the device machine, from the repository root. Runs and checkpoints go to $WORK (default
-# /tmp/gpu_session); $OUT (default ./gpu_out) gets four files: card.txt, throughput.md, summary.txt and
-# logs.tgz (the logs and tensorboardX files of every run, no weights).
-#   bash bench/gpu_session.sh [seconds of throughput, default 170] [seconds per training run, default 330]
-#   SMOKE=1 bash bench/gpu_session.sh 60 60     # a rehearsal on the CPU at ResNet-18 96x48 (minutes)
+# The GPU measurements of the open issues, in stages that fit one device call (at most 10 minutes) on
+# one H100/H200; each stage runs under `timeout`, and a training run stopped by it keeps its last saved
+# weights (every 5 epochs), which test.py judges on the held-out identities.
+#   throughput  bench/throughput.py at full size (ResNet-50, 288x144, batch 32+32), alone on the card:
+#               the three training steps in fp32, --amp, --channels_last, whole train.py epochs, then
+#               the --compile rows (last: they pay for compilation)                        170 s
+#   pair        the paper's command (--pcc --part, SGD lr 0.1, 100 epochs x 100 steps = the 10,000
+#               steps of #9's target) as pretext-study variants `default` (fp32, loader augmentation)
+#               and `default+fast` (--amp --channels_last --augment device) side by side      335 s
+#   onestream   `default+onestream+fast` (--stream one) alone on the card                       420 s
+#   compile     only the --compile rows of bench/throughput.py                                  120 s
+# The NVIDIA H200 session of 2026-11-26 ran `throughput pair` (and a 150 s onestream run); what is
+# left is the default:
+#   bash bench/gpu_session.sh [stage ...]            # default: onestream compile (about 9.5 minutes)
+#   SMOKE=1 bash bench/gpu_session.sh pair           # a rehearsal on the CPU at ResNet-18 96x48
+# Stage lengths can be changed with THROUGHPUT_S, PAIR_S, ONESTREAM_S and COMPILE_S (seconds).
+# Runs and checkpoints go to $WORK (default /tmp/gpu_session); $OUT (default ./gpu_out) gets at most six
+# files: card.txt, throughput.md, summary.txt, table.md and curves.png (bench/runs_table.py: the
+# pretext study's table of the training runs) and logs.tgz (logs and tensorboardX files, no weights).
 # tensorboardX, which the machine lacks, is installed from .whl/ when present (fill it here as the device
 # README says: tensorboardx, protobuf and packaging wheels; .whl listed in .git/info/exclude and named in
 # the call's carry).
 set -uo pipefail
-throughput_seconds=${1:-170}
-train_seconds=${2:-330}
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(onestream compile)
 out=${OUT:-gpu_out}
 work=${WORK:-/tmp/gpu_session}
 mkdir -p "$out" "$work"
@@ -34,44 +38,71 @@ if [ "${SMOKE:-0}" = 1 ]; then
   size=(--arch resnet18 --img_h 96 --img_w 48)
   throughput_flags=(--batch 8 --steps 2 --warmup 1 --epoch_steps 3 --workers 1)
   train_flags=(--batch-size 8 --workers 1)
+  schedule=(--epochs 10 --steps_per_epoch 4)
   echo "CPU rehearsal ($(nproc) cores)" | tee "$out/card.txt"
 else
   size=(--arch resnet50)
   throughput_flags=(--steps 10 --epoch_steps 30 --workers 8)
   train_flags=(--batch-size 32 --workers 6)
+  schedule=(--epochs 100 --steps_per_epoch 100)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/card.txt"
 fi
 python synthetic.py > "$work/synthetic.txt" 2>&1 || { cat "$work/synthetic.txt"; exit 1; }
 
-timeout "$throughput_seconds" python bench/throughput.py "${size[@]}" "${throughput_flags[@]}" \
-  --out "$out/throughput.md" > "$work/throughput.log" 2>&1
+throughput() {  # seconds, extra flags...
+  local seconds=$1; shift
+  timeout "$seconds" python bench/throughput.py "${size[@]}" "${throughput_flags[@]}" "$@" \
+    --out "$out/throughput.md" > "$work/throughput.log" 2>&1
+}
 
-study() {  # name, extra flags...
-  local name=$1; shift
-  timeout "$train_seconds" python train.py --dataset synthetic "${size[@]}" "${train_flags[@]}" --pcc --part \
-    --epochs 100 --steps_per_epoch 100 --save_epoch 5 --log_every 50 \
+study() {  # seconds, variant name, its flags beyond the defaults...
+  local seconds=$1 name=$2; shift 2
+  timeout "$seconds" python train.py --dataset synthetic "${size[@]}" "${train_flags[@]}" --pcc --part \
+    "${schedule[@]}" --save_epoch 5 --log_every 50 \
     --model_path "$work/$name" --log_path "$work/$name" --vis_log_path "$work/$name/vis" "$@" > "$work/$name.train.txt" 2>&1
   local weights
   weights=$(ls -t "$work/$name"/*_epoch_*.t 2>/dev/null | head -1)
   echo "held-out judge of ${weights:-nothing (no weights saved)}" > "$work/$name.test.txt"
   [ -n "$weights" ] && python test.py --dataset synthetic --resume "$weights" --workers 4 >> "$work/$name.test.txt" 2>&1
 }
-study fp32 &
-study amp --amp --channels_last --augment device &
-wait
+
+for stage in "${stages[@]}"; do
+  case $stage in
+    throughput) throughput "${THROUGHPUT_S:-170}" ;;
+    pair) study "${PAIR_S:-335}" default & study "${PAIR_S:-335}" default+fast --amp --channels_last --augment device & wait ;;
+    onestream) study "${ONESTREAM_S:-420}" default+onestream+fast --stream one --amp --channels_last --augment device ;;
+    compile) throughput "${COMPILE_S:-120}" --compiled_only ;;
+    *) echo "unknown stage $stage: choose from throughput pair onestream compile"; exit 1 ;;
+  esac
+done
 
 tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
+runs=()
+for log in "$work"/*/*.log; do
+  [ -e "$log" ] || continue
+  name=$(basename "$(dirname "$log")")
+  grep -q '^permutation recovery, both' "$work/$name.test.txt" 2>/dev/null && runs+=("$name=$log,$work/$name.test.txt")
+done
 {
   echo "== card"; cat "$out/card.txt"
-  echo "== throughput"
-  if [ -f "$out/throughput.md" ]; then cat "$out/throughput.md"; else grep '^|' "$work/throughput.log"; echo "(cut at ${throughput_seconds} s)"; fi
-  for name in fp32 amp; do
+  if [ -f "$work/throughput.log" ]; then
+    echo "== throughput"
+    if [ -f "$out/throughput.md" ]; then cat "$out/throughput.md"; else grep '^|' "$work/throughput.log"; echo "(cut by its time limit)"; fi
+  fi
+  for log in "$work"/*/*.log; do
+    [ -e "$log" ] || continue
+    name=$(basename "$(dirname "$log")")
     echo "== $name: every fifth epoch and the last"
-    grep -h '^epoch' "$work/$name"/*.log | awk 'NR % 5 == 0' | cut -c1-200
-    grep -h '^epoch' "$work/$name"/*.log | tail -1 | cut -c1-200
+    grep -h '^epoch' "$log" | awk 'NR % 5 == 0' | cut -c1-200
+    grep -h '^epoch' "$log" | tail -1 | cut -c1-200
     echo "== $name: held-out test"
     head -1 "$work/$name.test.txt"; grep -E 'permutation recovery|zero-shot' "$work/$name.test.txt"
     tr '\r' '\n' < "$work/$name.train.txt" | grep -iE 'error|traceback' | tail -3
     tr '\r' '\n' < "$work/$name.test.txt" | grep -iE 'error|traceback' | tail -3
   done
+  if [ ${#runs[@]} -gt 0 ]; then
+    echo "== table"
+    python bench/runs_table.py --out "$work/table" --setting "$(cat "$out/card.txt"), ${size[*]}, ${train_flags[*]}, ${schedule[*]}, stages: ${stages[*]}" "${runs[@]}" > /dev/null \
+      && cp "$work/table/table.md" "$work/table/curves.png" "$out/" && cat "$out/table.md"
+  fi
 } | tee "$out/summary.txt"

@@ -54,6 +54,10 @@ VARIANTS = {
     # the speed flags must not change what is learnt
     'default+amp': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--amp', '--channels_last'),
     'default+device_augment': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--augment', 'device'),
+    # all three speed flags (the GPU runs of bench/gpu_session.sh)
+    'default+fast': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--amp', '--channels_last', '--augment', 'device'),
+    'default+onestream+fast': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--stream', 'one', '--amp',
+                               '--channels_last', '--augment', 'device'),
 }
 
 

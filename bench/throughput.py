@@ -52,6 +52,8 @@ def get_args_parser():
     parser.add_argument('--workers', default=8, type=int, help='loader processes of the train.py epochs')
     parser.add_argument('--precisions', default=','.join(PRECISIONS))
     parser.add_argument('--gpu', default='0')
+    parser.add_argument('--compiled_only', action='store_true',
+                        help='only the --compile rows (the step rows of the --compile precisions, the compiled epoch)')
     parser.add_argument('--out', default=None, help='also write the table to this file')
     return parser
 
@@ -126,7 +128,7 @@ def main(argv=None):
     # time limit has printed every plain row first (the tables keep the PRECISIONS order).
     step_rows, epoch_rows = {}, {}
     networks = networks_and_steps(args)
-    for compiled in (False, True):
+    for compiled in (True,) if args.compiled_only else (False, True):
         for method, (build, step) in networks.items():
             for name in args.precisions.split(','):
                 options = PRECISIONS[name]
@@ -143,10 +145,11 @@ def main(argv=None):
             if ('--compile' in flags) == compiled:
                 epoch_rows[flags] = f'| {" ".join(flags) or "defaults"} | {time_epochs(args, list(flags)):.0f} |'
                 print(epoch_rows[flags], flush=True)
-    lines += [step_rows[method, name] for method in networks for name in args.precisions.split(',')]
+    lines += [step_rows[key] for key in sorted(step_rows, key=lambda key: (list(networks).index(key[0]),
+                                                                            list(PRECISIONS).index(key[1])))]
     if epoch_rows:
         lines += ['', '| whole train.py epoch (--pcc --part) | images/s |', '|---|---|',
-                  *(epoch_rows[flags] for flags in EPOCH_FLAGS)]
+                  *(epoch_rows[flags] for flags in EPOCH_FLAGS if flags in epoch_rows)]
     table = '\n'.join(lines)
     print('\n' + table)
     if args.out:

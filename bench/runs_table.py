@@ -1,0 +1,81 @@
+"""The pretext study's table and plot for train.py runs made outside bench/pretext_study.py, such as
+those of bench/gpu_session.sh, which stop at a time limit and are judged by test.py on their last
+saved weights. Each run is named by the pretext-study variant whose flags it used, and read back from
+its train.py log and the output of test.py:
+
+    python bench/runs_table.py --out bench/results/gpu_h200_resnet50_288x144 --setting 'resnet50, ...' \\
+        default=fp32/RUN.log,fp32.test.txt default+fast=amp/RUN.log,amp.test.txt
+
+writes table.md and curves.png (the pretext study's formats) and results.json into --out.
+"""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import pretext_study
+
+EPOCH_LINE = re.compile(r'^epoch (\d+) lr \S+ (.*) \((\d+) steps, [\d.]+ img/s, ([\d:]+)\)$')
+TEST_LINES = {'exact': re.compile(r'permutation recovery, (\w+) \(\d+ images\): exact ([\d.]+)% .*per stripe ([\d.]+)%'),
+              'retrieval': re.compile(r'Rank-1: ([\d.]+)% .*mAP: ([\d.]+)%')}
+
+
+def read_history(log_file):
+    """Per-epoch figures of a train.py log, as train.main returns them (only the logged four decimals):
+    a list of dicts with 'epoch', 'steps', 'seconds' and every loss and accuracy of the epoch line."""
+    history, steps = [], 0
+    for line in Path(log_file).read_text().splitlines():
+        match = EPOCH_LINE.match(line)
+        if match is None:
+            continue
+        epoch, figures, epoch_steps, clock = match.groups()
+        names_and_values = figures.split()
+        steps += int(epoch_steps)
+        seconds = sum(int(part) * 60 ** power for power, part in enumerate(reversed(clock.split(':'))))
+        history.append({'epoch': int(epoch), 'steps': steps, 'seconds': seconds,
+                        **{name: float(value) for name, value in zip(names_and_values[::2], names_and_values[1::2])}})
+    if not history:
+        raise ValueError(f'{log_file} has no epoch lines: is it the log of a train.py run?')
+    return history
+
+
+def read_test(test_output):
+    """test.py's figures, as fractions: permutation recovery on all test images (its 'both' line) and the
+    zero-shot retrieval."""
+    text = Path(test_output).read_text()
+    recovery = {modality: (float(exact) / 100, float(stripe) / 100)
+                for modality, exact, stripe in TEST_LINES['exact'].findall(text)}
+    retrieval = TEST_LINES['retrieval'].search(text)
+    if 'both' not in recovery or retrieval is None:
+        raise ValueError(f'{test_output} has no permutation-recovery or retrieval line: is it the output of test.py?')
+    exact, stripe = recovery['both']
+    return {'perm_exact': exact, 'perm_stripe': stripe,
+            'rank1': float(retrieval.group(1)) / 100, 'mAP': float(retrieval.group(2)) / 100}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--out', required=True)
+    parser.add_argument('--setting', required=True, help='the table\'s setting line (size, device)')
+    parser.add_argument('runs', nargs='+', help='VARIANT=TRAIN_LOG,TEST_OUTPUT')
+    args = parser.parse_args(argv)
+    results = []
+    for run in args.runs:
+        name, _, files = run.partition('=')
+        if name not in pretext_study.VARIANTS or files.count(',') != 1:
+            sys.exit(f'error: {run!r} is not VARIANT=TRAIN_LOG,TEST_OUTPUT with a variant of bench/pretext_study.py')
+        log_file, test_output = files.split(',')
+        history = read_history(log_file)
+        results.append({'name': name, 'flags': pretext_study.variant_flags(name), 'history': history,
+                        'test': read_test(test_output), 'seconds': sum(epoch['seconds'] for epoch in history)})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'results.json').write_text(json.dumps(results, indent=1))
+    pretext_study.write_table(results, out / 'table.md', args.setting)
+    pretext_study.plot_curves(results, out / 'curves.png')
+    print((out / 'table.md').read_text())
+
+
+if __name__ == '__main__':
+    main()
