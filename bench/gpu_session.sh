@@ -77,18 +77,13 @@ for stage in "${stages[@]}"; do
 done
 
 tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
-runs=()
-for log in "$work"/*/*.log; do
-  [ -e "$log" ] || continue
-  name=$(basename "$(dirname "$log")")
-  grep -q '^permutation recovery, both' "$work/$name.test.txt" 2>/dev/null && runs+=("$name=$log,$work/$name.test.txt")
-done
 {
   echo "== card"; cat "$out/card.txt"
   if [ -f "$work/throughput.log" ]; then
     echo "== throughput"
     if [ -f "$out/throughput.md" ]; then cat "$out/throughput.md"; else grep '^|' "$work/throughput.log"; echo "(cut by its time limit)"; fi
   fi
+  runs=()  # the judged training runs, for bench/runs_table.py
   for log in "$work"/*/*.log; do
     [ -e "$log" ] || continue
     name=$(basename "$(dirname "$log")")
@@ -99,6 +94,7 @@ done
     head -1 "$work/$name.test.txt"; grep -E 'permutation recovery|zero-shot' "$work/$name.test.txt"
     tr '\r' '\n' < "$work/$name.train.txt" | grep -iE 'error|traceback' | tail -3
     tr '\r' '\n' < "$work/$name.test.txt" | grep -iE 'error|traceback' | tail -3
+    grep -q '^permutation recovery, both' "$work/$name.test.txt" && runs+=("$name=$log,$work/$name.test.txt")
   done
   if [ ${#runs[@]} -gt 0 ]; then
     echo "== table"
