@@ -248,6 +248,11 @@ def restart_from_checkpoint(path, args, shape_flags, **objects):
     return state['epoch']
 
 
+def compile_network(network, mode):
+    """network through torch.compile in --compile's mode ('default': torch's default)."""
+    return torch.compile(network, mode=None if mode == 'default' else mode)
+
+
 def train_one_epoch(run, model, optimizer, step, loader, epoch):
     """One pass over a loader of (visible, thermal, visible labels, thermal labels) batches with
     step (see the module docstring). Returns the epoch means of 'loss' and of step's values
@@ -260,6 +265,8 @@ def train_one_epoch(run, model, optimizer, step, loader, epoch):
     for index, (visible, thermal, visible_labels, thermal_labels) in enumerate(progress):
         visible, thermal = run.batch_to_device(visible), run.batch_to_device(thermal)
         labels = torch.cat((visible_labels, thermal_labels)).to(run.device, non_blocking=True)
+        if run.args.compile:  # a new iteration: CUDA graphs (--compile reduce-overhead) may reuse their buffers
+            torch.compiler.cudagraph_mark_step_begin()
         with run.precision.autocast():
             loss, values = step(model, visible, thermal, labels, epoch)
         run.precision.backward_and_step(loss, optimizer)
@@ -350,7 +357,7 @@ def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), en
         trained = DistributedDataParallel(trained, device_ids=[run.device] if run.device.type == 'cuda' else None,
                                           find_unused_parameters=unused_parameters)
     if args.compile:  # the step gets the compiled network; evaluation and the files use the plain one
-        trained = torch.compile(trained)
+        trained = compile_network(trained, args.compile)
 
     history = []
     for epoch in range(start_epoch, args.epochs):

@@ -13,6 +13,7 @@ import argparse
 from model import ARCHS
 
 DATASETS = ('sysu', 'regdb', 'synthetic')
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')  # torch.compile's modes
 
 
 def data_flags():
@@ -59,7 +60,9 @@ def training_flags():
     speed.add_argument('--log_every', default=20, type=int,
                        help='steps between progress updates and per-step tensorboardX scalars (the only times '
                             'the host waits for the GPU)')
-    speed.add_argument('--compile', action='store_true',
-                       help='torch.compile the network for training (the first steps pay for the compilation)')
+    speed.add_argument('--compile', nargs='?', const='default', default=None, choices=COMPILE_MODES,
+                       help='torch.compile the network for training (the first steps pay for the compilation), '
+                            'in torch\'s default mode or the one named: reduce-overhead adds CUDA graphs, which '
+                            'spare the host its per-operator work on GPUs')
     speed.add_argument('--sync_bn', action='store_true', help='under torchrun: batch norm statistics over every GPU')
     return parser

@@ -8,11 +8,12 @@
 #   pair        the paper's command (--pcc --part, SGD lr 0.1, 100 epochs x 100 steps = the 10,000
 #               steps of #9's target) as pretext-study variants `default` (fp32, loader augmentation)
 #               and `default+fast` (--amp --channels_last --augment device) side by side      335 s
-#   onestream   `default+onestream+fast` (--stream one) alone on the card                       420 s
-#   compile     only the --compile rows of bench/throughput.py                                  120 s
+#   onestream   `default+onestream+fast` (--stream one) alone on the card                       410 s
+#   compile     only the --compile rows of bench/throughput.py (torch's default mode, then
+#               reduce-overhead: CUDA graphs; MMGL first)                                      130 s
 # The NVIDIA H200 session of 2026-11-26 ran `throughput pair` (and a 150 s onestream run); what is
 # left is the default:
-#   bash bench/gpu_session.sh [stage ...]            # default: onestream compile (about 9.5 minutes)
+#   bash bench/gpu_session.sh [stage ...]            # default: onestream compile (about 9.7 minutes)
 #   SMOKE=1 bash bench/gpu_session.sh pair           # a rehearsal on the CPU at ResNet-18 96x48
 # Stage lengths can be changed with THROUGHPUT_S, PAIR_S, ONESTREAM_S and COMPILE_S (seconds).
 # Runs and checkpoints go to $WORK (default /tmp/gpu_session); $OUT (default ./gpu_out) gets at most six
@@ -70,8 +71,8 @@ for stage in "${stages[@]}"; do
   case $stage in
     throughput) throughput "${THROUGHPUT_S:-170}" ;;
     pair) study "${PAIR_S:-335}" default & study "${PAIR_S:-335}" default+fast --amp --channels_last --augment device & wait ;;
-    onestream) study "${ONESTREAM_S:-420}" default+onestream+fast --stream one --amp --channels_last --augment device ;;
-    compile) throughput "${COMPILE_S:-120}" --compiled_only ;;
+    onestream) study "${ONESTREAM_S:-410}" default+onestream+fast --stream one --amp --channels_last --augment device ;;
+    compile) throughput "${COMPILE_S:-130}" --compiled_only ;;
     *) echo "unknown stage $stage: choose from throughput pair onestream compile"; exit 1 ;;
   esac
 done

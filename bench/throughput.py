@@ -15,6 +15,7 @@ import argparse
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -30,13 +31,16 @@ from DDAG import train_ddag  # noqa: E402
 from DDAG.ddag_model import build_net as build_ddag  # noqa: E402
 from model import ARCHS, MMGLNet  # noqa: E402
 
-PRECISIONS = {'fp32': dict(amp=False, channels_last=False, compile=False),
-              'amp': dict(amp=True, channels_last=False, compile=False),
-              'amp + channels_last': dict(amp=True, channels_last=True, compile=False),
-              'amp + channels_last + compile': dict(amp=True, channels_last=True, compile=True)}
+PRECISIONS = {'fp32': dict(amp=False, channels_last=False, compile=None),
+              'amp': dict(amp=True, channels_last=False, compile=None),
+              'amp + channels_last': dict(amp=True, channels_last=True, compile=None),
+              'amp + channels_last + compile': dict(amp=True, channels_last=True, compile='default'),
+              'amp + channels_last + compile reduce-overhead': dict(amp=True, channels_last=True,
+                                                                    compile='reduce-overhead')}
 EPOCH_FLAGS = ((), ('--augment', 'device'), ('--amp', '--channels_last'),
                ('--amp', '--channels_last', '--augment', 'device'),
-               ('--amp', '--channels_last', '--augment', 'device', '--compile'))
+               ('--amp', '--channels_last', '--augment', 'device', '--compile'),
+               ('--amp', '--channels_last', '--augment', 'device', '--compile', 'reduce-overhead'))
 CLASSES = 395  # SYSU-MM01's training identities
 
 
@@ -70,9 +74,9 @@ def networks_and_steps(args):
     }
 
 
-def time_step(build, step, precision, channels_last, compiled, args, device):
-    """(ms per step, peak GPU memory in GiB or None) of one method's training step (with compile,
-    of the torch.compile'd network; the warm-up steps pay for the compilation)."""
+def time_step(build, step, precision, channels_last, compile_mode, args, device):
+    """(ms per step, peak GPU memory in GiB or None) of one method's training step (with a compile_mode,
+    of the torch.compile'd network, as --compile does; the warm-up steps pay for the compilation)."""
     torch.manual_seed(0)
     model = build().to(device).train()
     params = model.optimizer_groups(0.01) if hasattr(model, 'optimizer_groups') else model.parameters()
@@ -84,9 +88,11 @@ def time_step(build, step, precision, channels_last, compiled, args, device):
     ids = torch.arange(args.batch, device=device) // 4  # identities of 4 images each, as in AGW/DDAG batches
     labels = torch.cat((ids, ids))
 
-    trained = torch.compile(model) if compiled else model
+    trained = engine.compile_network(model, compile_mode) if compile_mode else model
 
     def one_step():
+        if compile_mode:
+            torch.compiler.cudagraph_mark_step_begin()
         with precision.autocast():
             loss, _ = step(trained, visible, thermal, labels, epoch=20)
         precision.backward_and_step(loss, optimizer)
@@ -117,6 +123,12 @@ def time_epochs(args, extra_flags):
     return history[-1]['images_per_second']
 
 
+def failure(error):
+    """The table cell of a row that failed (its traceback goes to the log)."""
+    traceback.print_exc()
+    return f'failed: {type(error).__name__}: {(str(error).splitlines() or [""])[0][:200]}'
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     device = utils.select_device(args.gpu)
@@ -132,18 +144,25 @@ def main(argv=None):
         for method, (build, step) in networks.items():
             for name in args.precisions.split(','):
                 options = PRECISIONS[name]
-                if options['compile'] != compiled:
+                if (options['compile'] is not None) != compiled:
                     continue
                 precision = engine.Precision(options['amp'], device)
-                milliseconds, peak = time_step(build, step, precision, options['channels_last'], compiled,
-                                               args, device)
-                step_rows[method, name] = (f'| {method} | {name} ({precision}) | {milliseconds:.1f} | '
-                                           f'{2 * args.batch * 1000 / milliseconds:.0f} | '
-                                           f'{"-" if peak is None else f"{peak:.2f}"} |')
+                try:
+                    milliseconds, peak = time_step(build, step, precision, options['channels_last'],
+                                                   options['compile'], args, device)
+                    figures = (f'{milliseconds:.1f} | {2 * args.batch * 1000 / milliseconds:.0f} | '
+                               f'{"-" if peak is None else f"{peak:.2f}"}')
+                except Exception as error:  # a failed row stays in the table
+                    figures = failure(error) + ' | | '
+                step_rows[method, name] = f'| {method} | {name} ({precision}) | {figures} |'
                 print(step_rows[method, name], flush=True)
         for flags in EPOCH_FLAGS if args.epoch_steps else ():
             if ('--compile' in flags) == compiled:
-                epoch_rows[flags] = f'| {" ".join(flags) or "defaults"} | {time_epochs(args, list(flags)):.0f} |'
+                try:
+                    figure = f'{time_epochs(args, list(flags)):.0f}'
+                except Exception as error:
+                    figure = failure(error)
+                epoch_rows[flags] = f'| {" ".join(flags) or "defaults"} | {figure} |'
                 print(epoch_rows[flags], flush=True)
     lines += [step_rows[key] for key in sorted(step_rows, key=lambda key: (list(networks).index(key[0]),
                                                                             list(PRECISIONS).index(key[1])))]

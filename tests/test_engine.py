@@ -102,3 +102,24 @@ def test_a_compiled_network_trains_to_the_weights_of_the_plain_one(tmp_path, sys
     assert plain.keys() == compiled.keys()  # the files hold the plain network's keys, no _orig_mod. prefix
     for key, value in plain.items():
         assert torch.allclose(compiled[key].float(), value.float(), rtol=1e-3, atol=1e-4), key
+
+
+@pytest.mark.parametrize('flags, mode', [(('--compile',), None), (('--compile', 'reduce-overhead'), 'reduce-overhead'),
+                                         (('--compile', 'max-autotune', '--amp'), 'max-autotune')])
+def test_the_compile_mode_reaches_torch_compile_and_every_step_marks_a_new_iteration(tmp_path, sysu_preprocessed,
+                                                                                     monkeypatch, flags, mode):
+    """--compile [MODE]: torch.compile gets the mode (None is torch's default); each training step first
+    tells CUDA graphs that a new iteration begins, so that graph outputs of the last step may be reused.
+    (The compilation itself is checked above; here torch.compile is replaced by a recorder.)"""
+    compiled, marks = [], []
+    monkeypatch.setattr(torch, 'compile', lambda network, mode=None: compiled.append(mode) or network)
+    monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: marks.append(1))
+    mmgl_train.main(run_args(tmp_path, sysu_preprocessed, '--arch', 'resnet18', '--batch-size', '2',
+                             '--steps_per_epoch', '3', '--epochs', '1', *flags))
+    assert compiled == [mode] and len(marks) == 3
+
+
+def test_an_unknown_compile_mode_is_refused():
+    with pytest.raises(SystemExit) as refused:
+        mmgl_train.get_args_parser().parse_args(['--compile', 'fastest'])
+    assert refused.value.code == 2
