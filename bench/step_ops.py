@@ -1,0 +1,83 @@
+"""How many operators a training step dispatches: the MMGL, AGW and DDAG steps of bench/throughput.py,
+counted at the ATen level (each one a kernel launch on a GPU, and the host's dispatch work before it)
+in three phases: the forward pass with the losses, the backward pass, the optimiser step.
+
+    python bench/step_ops.py          # ResNet-50; the count does not depend on the image size
+
+On a GPU each operator costs the host some microseconds of Python and dispatch, whatever the size of
+its kernel; when the count times that cost exceeds the kernels' own time, the card waits for the host
+and the step time is about count x cost, which neither mixed precision nor channels_last changes.
+The count runs on the CPU at a small image size (the same operators as on a GPU at any size), with
+the optimiser's multi-tensor (foreach) path, which PyTorch takes on GPUs by default.
+"""
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from throughput import networks_and_steps  # noqa: E402  (it puts the repository on the path)
+import utils  # noqa: E402
+from model import ARCHS  # noqa: E402
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts every ATen operator dispatched while active, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step(build, step, batch=4, img_h=48, img_w=24):
+    """{phase: Counter of operators} of one training step after a first one (the optimiser has its state)."""
+    torch.manual_seed(0)
+    model = build().train()
+    params = model.optimizer_groups(0.01) if hasattr(model, 'optimizer_groups') else model.parameters()
+    optimizer = utils.make_optimizer(params, 0.01)
+    for group in optimizer.param_groups:
+        group['foreach'] = True  # the GPU default
+    visible, thermal = torch.randn(batch, 3, img_h, img_w), torch.randn(batch, 3, img_h, img_w)
+    ids = torch.arange(batch) // 2
+    labels = torch.cat((ids, ids))
+    phases = {}
+    for _ in range(2):  # count the second step
+        with OperatorCount() as forward:
+            loss, _ = step(model, visible, thermal, labels, epoch=20)
+        with OperatorCount() as backward:
+            loss.backward()
+        with OperatorCount() as update:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        phases = {'forward + losses': forward.counts, 'backward': backward.counts, 'optimiser': update.counts}
+    return phases
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--arch', default='resnet50', choices=ARCHS)
+    parser.add_argument('--top', default=8, type=int, help='the most frequent operators of the forward pass shown')
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    lines = [f'ATen operators per training step, {args.arch} (counted on the CPU, foreach optimiser)', '',
+             '| training step | forward + losses | backward | optimiser | in all | most frequent in the forward pass |',
+             '|---|---|---|---|---|---|']
+    for method, (build, step) in networks_and_steps(args).items():
+        phases = count_step(build, step)
+        totals = [sum(counts.values()) for counts in phases.values()]
+        frequent = ', '.join(f'{name.removeprefix("aten.")} {count}'
+                             for name, count in phases['forward + losses'].most_common(args.top))
+        lines.append(f'| {method} | {" | ".join(map(str, totals))} | {sum(totals)} | {frequent} |')
+    print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+    utils.run_main(main)
