@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import networks_and_steps  # noqa: E402  (it puts the repository on the path)
+from throughput import networks_and_steps, training_setup  # noqa: E402  (it puts the repository on the path)
 import utils  # noqa: E402
 from model import ARCHS  # noqa: E402
 
@@ -37,17 +37,11 @@ class OperatorCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_step(build, step, batch=4, img_h=48, img_w=24):
+def count_step(build, step):
     """{phase: Counter of operators} of one training step after a first one (the optimiser has its state)."""
-    torch.manual_seed(0)
-    model = build().train()
-    params = model.optimizer_groups(0.01) if hasattr(model, 'optimizer_groups') else model.parameters()
-    optimizer = utils.make_optimizer(params, 0.01)
+    model, optimizer, (visible, thermal, labels) = training_setup(build, 8, 48, 24, torch.device('cpu'))
     for group in optimizer.param_groups:
         group['foreach'] = True  # the GPU default
-    visible, thermal = torch.randn(batch, 3, img_h, img_w), torch.randn(batch, 3, img_h, img_w)
-    ids = torch.arange(batch) // 2
-    labels = torch.cat((ids, ids))
     phases = {}
     for _ in range(2):  # count the second step
         with OperatorCount() as forward:

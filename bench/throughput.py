@@ -74,20 +74,27 @@ def networks_and_steps(args):
     }
 
 
-def time_step(build, step, precision, channels_last, compile_mode, args, device):
-    """(ms per step, peak GPU memory in GiB or None) of one method's training step (with a compile_mode,
-    of the torch.compile'd network, as --compile does; the warm-up steps pay for the compilation)."""
+def training_setup(build, batch, img_h, img_w, device, memory_format=torch.contiguous_format):
+    """(network, optimiser, (visible, thermal, labels)): a method's network in training mode with the
+    optimiser its script makes, and batch + batch random images in that memory format, of identities
+    of 4 images each (as in AGW/DDAG batches)."""
     torch.manual_seed(0)
     model = build().to(device).train()
     params = model.optimizer_groups(0.01) if hasattr(model, 'optimizer_groups') else model.parameters()
     optimizer = utils.make_optimizer(params, 0.01)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
-    visible, thermal = (torch.randn(args.batch, 3, args.img_h, args.img_w, device=device)
-                        .contiguous(memory_format=memory_format) for _ in range(2))
-    ids = torch.arange(args.batch, device=device) // 4  # identities of 4 images each, as in AGW/DDAG batches
-    labels = torch.cat((ids, ids))
+    visible, thermal = (torch.randn(batch, 3, img_h, img_w, device=device).contiguous(memory_format=memory_format)
+                        for _ in range(2))
+    ids = torch.arange(batch, device=device) // 4
+    return model, optimizer, (visible, thermal, torch.cat((ids, ids)))
 
+
+def time_step(build, step, precision, channels_last, compile_mode, args, device):
+    """(ms per step, peak GPU memory in GiB or None) of one method's training step (with a compile_mode,
+    of the torch.compile'd network, as --compile does; the warm-up steps pay for the compilation)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model, optimizer, (visible, thermal, labels) = training_setup(build, args.batch, args.img_h, args.img_w, device,
+                                                                  memory_format)
     trained = engine.compile_network(model, compile_mode) if compile_mode else model
 
     def one_step():
