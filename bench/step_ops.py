@@ -25,20 +25,27 @@ import utils  # noqa: E402
 from model import ARCHS  # noqa: E402
 
 
+# Operators that launch no kernel: views and detaches (func.is_view), allocations, reshapes of a view.
+NO_KERNEL = {'aten.empty', 'aten.empty_strided', 'aten.empty_like', 'aten._unsafe_view'}
+
+
 class OperatorCount(TorchDispatchMode):
-    """Counts every ATen operator dispatched while active, by name."""
+    """Counts every ATen operator dispatched while active, by name, and apart those that launch a kernel."""
 
     def __init__(self):
         super().__init__()
         self.counts = collections.Counter()
+        self.kernels = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
+        name = str(func.overloadpacket)
+        self.counts[name] += 1
+        self.kernels += not (func.is_view or name in NO_KERNEL)
         return func(*args, **(kwargs or {}))
 
 
 def count_step(build, step):
-    """{phase: Counter of operators} of one training step after a first one (the optimiser has its state)."""
+    """{phase: OperatorCount} of one training step after a first one (the optimiser has its state)."""
     model, optimizer, (visible, thermal, labels) = training_setup(build, 8, 48, 24, torch.device('cpu'))
     for group in optimizer.param_groups:
         group['foreach'] = True  # the GPU default
@@ -51,7 +58,7 @@ def count_step(build, step):
         with OperatorCount() as update:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        phases = {'forward + losses': forward.counts, 'backward': backward.counts, 'optimiser': update.counts}
+        phases = {'forward + losses': forward, 'backward': backward, 'optimiser': update}
     return phases
 
 
@@ -61,15 +68,17 @@ def main(argv=None):
     parser.add_argument('--top', default=8, type=int, help='the most frequent operators of the forward pass shown')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    lines = [f'ATen operators per training step, {args.arch} (counted on the CPU, foreach optimiser)', '',
+    lines = [f'ATen operators per training step, {args.arch} (counted on the CPU, foreach optimiser): all of '
+             f'them / those that launch a kernel (not views, detaches or allocations)', '',
              '| training step | forward + losses | backward | optimiser | in all | most frequent in the forward pass |',
              '|---|---|---|---|---|---|']
     for method, (build, step) in networks_and_steps(args).items():
         phases = count_step(build, step)
-        totals = [sum(counts.values()) for counts in phases.values()]
+        cells = [(sum(phase.counts.values()), phase.kernels) for phase in phases.values()]
+        cells.append(tuple(map(sum, zip(*cells))))
         frequent = ', '.join(f'{name.removeprefix("aten.")} {count}'
-                             for name, count in phases['forward + losses'].most_common(args.top))
-        lines.append(f'| {method} | {" | ".join(map(str, totals))} | {sum(totals)} | {frequent} |')
+                             for name, count in phases['forward + losses'].counts.most_common(args.top))
+        lines.append(f'| {method} | {" | ".join(f"{every} / {kernels}" for every, kernels in cells)} | {frequent} |')
     print('\n'.join(lines))
 
 
