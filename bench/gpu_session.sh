@@ -9,8 +9,8 @@
 #               steps of #9's target) as pretext-study variants `default` (fp32, loader augmentation)
 #               and `default+fast` (--amp --channels_last --augment device) side by side      335 s
 #   onestream   `default+onestream+fast` (--stream one) alone on the card                       410 s
-#   compile     only the --compile rows of bench/throughput.py (torch's default mode, then
-#               reduce-overhead: CUDA graphs; MMGL first)                                      130 s
+#   compile     only the --compile rows of bench/throughput.py (reduce-overhead: CUDA graphs,
+#               then torch's default mode; MMGL first)                                         130 s
 # The NVIDIA H200 session of 2026-11-26 ran `throughput pair` (and a 150 s onestream run); what is
 # left is the default:
 #   bash bench/gpu_session.sh [stage ...]            # default: onestream compile (about 9.7 minutes)
@@ -72,7 +72,8 @@ for stage in "${stages[@]}"; do
     throughput) throughput "${THROUGHPUT_S:-170}" ;;
     pair) study "${PAIR_S:-335}" default & study "${PAIR_S:-335}" default+fast --amp --channels_last --augment device & wait ;;
     onestream) study "${ONESTREAM_S:-410}" default+onestream+fast --stream one --amp --channels_last --augment device ;;
-    compile) throughput "${COMPILE_S:-130}" --compiled_only ;;
+    compile) throughput "${COMPILE_S:-130}" --compiled_only \
+               --precisions 'amp + channels_last + compile reduce-overhead,amp + channels_last + compile' ;;
     *) echo "unknown stage $stage: choose from throughput pair onestream compile"; exit 1 ;;
   esac
 done
