@@ -16,9 +16,10 @@
 #   bash bench/gpu_session.sh [stage ...]            # default: onestream compile (about 9.7 minutes)
 #   SMOKE=1 bash bench/gpu_session.sh pair           # a rehearsal on the CPU at ResNet-18 96x48
 # Stage lengths can be changed with THROUGHPUT_S, PAIR_S, ONESTREAM_S and COMPILE_S (seconds).
-# Runs and checkpoints go to $WORK (default /tmp/gpu_session); $OUT (default ./gpu_out) gets at most six
-# files: card.txt, throughput.md, summary.txt, table.md and curves.png (bench/runs_table.py: the
-# pretext study's table of the training runs) and logs.tgz (logs and tensorboardX files, no weights).
+# Runs and checkpoints go to $WORK (default /tmp/gpu_session); $OUT (default ./gpu_out) gets at most seven
+# files: card.txt, throughput.md and compile.md (the stages' tables, when complete), summary.txt, table.md
+# and curves.png (bench/runs_table.py: the pretext study's table of the training runs) and logs.tgz
+# (logs and tensorboardX files, no weights).
 # tensorboardX, which the machine lacks, is installed from .whl/ when present (fill it here as the device
 # README says: tensorboardx, protobuf and packaging wheels; .whl listed in .git/info/exclude and named in
 # the call's carry).
@@ -50,10 +51,10 @@ else
 fi
 python synthetic.py > "$work/synthetic.txt" 2>&1 || { cat "$work/synthetic.txt"; exit 1; }
 
-throughput() {  # seconds, extra flags...
-  local seconds=$1; shift
+throughput() {  # table name, seconds, extra flags...
+  local name=$1 seconds=$2; shift 2
   timeout "$seconds" python bench/throughput.py "${size[@]}" "${throughput_flags[@]}" "$@" \
-    --out "$out/throughput.md" > "$work/throughput.log" 2>&1
+    --out "$out/$name.md" > "$work/$name.log" 2>&1
 }
 
 study() {  # seconds, variant name, its flags beyond the defaults...
@@ -69,10 +70,10 @@ study() {  # seconds, variant name, its flags beyond the defaults...
 
 for stage in "${stages[@]}"; do
   case $stage in
-    throughput) throughput "${THROUGHPUT_S:-170}" ;;
+    throughput) throughput throughput "${THROUGHPUT_S:-170}" ;;
     pair) study "${PAIR_S:-335}" default & study "${PAIR_S:-335}" default+fast --amp --channels_last --augment device & wait ;;
     onestream) study "${ONESTREAM_S:-410}" default+onestream+fast --stream one --amp --channels_last --augment device ;;
-    compile) throughput "${COMPILE_S:-130}" --compiled_only \
+    compile) throughput compile "${COMPILE_S:-130}" --compiled_only \
                --precisions 'amp + channels_last + compile reduce-overhead,amp + channels_last + compile' ;;
     *) echo "unknown stage $stage: choose from throughput pair onestream compile"; exit 1 ;;
   esac
@@ -81,10 +82,11 @@ done
 tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
 {
   echo "== card"; cat "$out/card.txt"
-  if [ -f "$work/throughput.log" ]; then
-    echo "== throughput"
-    if [ -f "$out/throughput.md" ]; then cat "$out/throughput.md"; else grep '^|' "$work/throughput.log"; echo "(cut by its time limit)"; fi
-  fi
+  for name in throughput compile; do
+    [ -f "$work/$name.log" ] || continue
+    echo "== $name"
+    if [ -f "$out/$name.md" ]; then cat "$out/$name.md"; else grep '^|' "$work/$name.log"; echo "(cut by its time limit)"; fi
+  done
   runs=()  # the judged training runs, for bench/runs_table.py
   for log in "$work"/*/*.log; do
     [ -e "$log" ] || continue
