@@ -1,5 +1,5 @@
 """How many operators a training step dispatches: the MMGL, AGW and DDAG steps of bench/throughput.py,
-counted at the ATen level (each one a kernel launch on a GPU, and the host's dispatch work before it)
+counted at the ATen level (each one the host's dispatch work; most of them a kernel launch on a GPU)
 in three phases: the forward pass with the losses, the backward pass, the optimiser step.
 
     python bench/step_ops.py          # ResNet-50; the count does not depend on the image size
@@ -49,7 +49,6 @@ def count_step(build, step):
     model, optimizer, (visible, thermal, labels) = training_setup(build, 8, 48, 24, torch.device('cpu'))
     for group in optimizer.param_groups:
         group['foreach'] = True  # the GPU default
-    phases = {}
     for _ in range(2):  # count the second step
         with OperatorCount() as forward:
             loss, _ = step(model, visible, thermal, labels, epoch=20)
