@@ -57,11 +57,13 @@ throughput() {  # table name, seconds, extra flags...
     --out "$out/$name.md" > "$work/$name.log" 2>&1
 }
 
-study() {  # seconds, variant name, its flags beyond the defaults...
-  local seconds=$1 name=$2; shift 2
-  timeout "$seconds" python train.py --dataset synthetic "${size[@]}" "${train_flags[@]}" --pcc --part \
+study() {  # seconds, pretext-study variant (its train.py flags come from bench/pretext_study.py)
+  local seconds=$1 name=$2 flags
+  read -ra flags <<< "$(python -c 'import sys; sys.path.insert(0, "bench"); import pretext_study
+print(" ".join(pretext_study.variant_flags(sys.argv[1])))' "$name")"
+  timeout "$seconds" python train.py --dataset synthetic "${size[@]}" "${train_flags[@]}" "${flags[@]}" \
     "${schedule[@]}" --save_epoch 5 --log_every 50 \
-    --model_path "$work/$name" --log_path "$work/$name" --vis_log_path "$work/$name/vis" "$@" > "$work/$name.train.txt" 2>&1
+    --model_path "$work/$name" --log_path "$work/$name" --vis_log_path "$work/$name/vis" > "$work/$name.train.txt" 2>&1
   local weights
   weights=$(ls -t "$work/$name"/*_epoch_*.t 2>/dev/null | head -1)
   echo "held-out judge of ${weights:-nothing (no weights saved)}" > "$work/$name.test.txt"
@@ -71,8 +73,8 @@ study() {  # seconds, variant name, its flags beyond the defaults...
 for stage in "${stages[@]}"; do
   case $stage in
     throughput) throughput throughput "${THROUGHPUT_S:-170}" ;;
-    pair) study "${PAIR_S:-335}" default & study "${PAIR_S:-335}" default+fast --amp --channels_last --augment device & wait ;;
-    onestream) study "${ONESTREAM_S:-410}" default+onestream+fast --stream one --amp --channels_last --augment device ;;
+    pair) study "${PAIR_S:-335}" default & study "${PAIR_S:-335}" default+fast & wait ;;
+    onestream) study "${ONESTREAM_S:-410}" default+onestream+fast ;;
     compile) throughput compile "${COMPILE_S:-130}" --compiled_only \
                --precisions 'amp + channels_last + compile reduce-overhead,amp + channels_last + compile' ;;
     *) echo "unknown stage $stage: choose from throughput pair onestream compile"; exit 1 ;;
@@ -96,8 +98,7 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
     grep -h '^epoch' "$log" | tail -1 | cut -c1-200
     echo "== $name: held-out test"
     head -1 "$work/$name.test.txt"; grep -E 'permutation recovery|zero-shot' "$work/$name.test.txt"
-    tr '\r' '\n' < "$work/$name.train.txt" | grep -iE 'error|traceback' | tail -3
-    tr '\r' '\n' < "$work/$name.test.txt" | grep -iE 'error|traceback' | tail -3
+    cat "$work/$name.train.txt" "$work/$name.test.txt" | tr '\r' '\n' | grep -iE 'error|traceback' | tail -3
     grep -q '^permutation recovery, both' "$work/$name.test.txt" && runs+=("$name=$log,$work/$name.test.txt")
   done
   if [ ${#runs[@]} -gt 0 ]; then
