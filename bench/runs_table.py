@@ -66,9 +66,12 @@ def main(argv=None):
         if name not in pretext_study.VARIANTS or files.count(',') != 1:
             sys.exit(f'error: {run!r} is not VARIANT=TRAIN_LOG,TEST_OUTPUT with a variant of bench/pretext_study.py')
         log_file, test_output = files.split(',')
-        history = read_history(log_file)
+        try:
+            history, test = read_history(log_file), read_test(test_output)
+        except (OSError, ValueError) as error:  # a missing or foreign file: one sentence, no traceback
+            sys.exit(f'error: {error}')
         results.append({'name': name, 'flags': pretext_study.variant_flags(name), 'history': history,
-                        'test': read_test(test_output), 'seconds': sum(epoch['seconds'] for epoch in history)})
+                        'test': test, 'seconds': sum(epoch['seconds'] for epoch in history)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'results.json').write_text(json.dumps(results, indent=1))
