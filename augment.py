@@ -5,6 +5,8 @@ random crop, random horizontal flip, ToTensor, ImageNet normalisation), but for 
 batch at once, so that the training arrays, which are already uint8 in memory, need no per-image
 PIL work in the loader workers.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,13 @@ def _resize(images, img_h, img_w):
     resized = F.interpolate(images.permute(0, 3, 1, 2).float(), size=(img_h, img_w), mode='bilinear',
                             align_corners=False, antialias=True)
     return resized.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _normalisation(device):
+    """The ImageNet mean and std as (1, 3, 1, 1) float32 tensors on `device`, copied there once:
+    every copy from host memory would make the host wait for the GPU."""
+    return tuple(torch.tensor(values).view(1, 3, 1, 1).to(device) for values in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def augment_batch(images, img_h, img_w, crop_top, crop_left, flip):
@@ -54,8 +63,7 @@ def augment_batch(images, img_h, img_w, crop_top, crop_left, flip):
 
     # The same operations as ToTensor (/255) and Normalize (sub mean, div std), so the result
     # matches the PIL path bit for bit.
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean, std = _normalisation(device)
     return cropped.permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
 
 

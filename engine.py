@@ -15,6 +15,8 @@ the engine does the rest, written once for the three:
                                     of images shared out, each process its own augmentation)
     train_one_epoch(run, model, optimizer, step, loader, epoch)
                                     one pass with progress (images/s, ETA) and tensorboardX
+    train_step(run, model, optimizer, step, batch, epoch)
+                                    one step of it, with no wait for the GPU
     Precision                       --amp: autocast and the gradient scaler
     save_state(path, epoch, args, **objects), restart_from_checkpoint(path, args, shape_flags, **objects)
                                     the state file: every object's state_dict under its name
@@ -253,6 +255,22 @@ def compile_network(network, mode):
     return torch.compile(network, mode=None if mode == 'default' else mode)
 
 
+def train_step(run, model, optimizer, step, batch, epoch):
+    """One training step on a loader's batch (visible, thermal, visible labels, thermal labels): the
+    batch to the device (augmented there with --augment device), step under autocast, backward and
+    the optimiser step. Returns {'loss': ..., **step's values}, tensors left on the device: nothing
+    here makes the host wait for the GPU (a copy from host memory that is not non-blocking would)."""
+    visible_images, thermal_images, visible_labels, thermal_labels = batch
+    visible, thermal = run.batch_to_device(visible_images), run.batch_to_device(thermal_images)
+    labels = torch.cat((visible_labels, thermal_labels)).to(run.device, non_blocking=True)
+    if run.args.compile:  # a new iteration: CUDA graphs (--compile reduce-overhead) may reuse their buffers
+        torch.compiler.cudagraph_mark_step_begin()
+    with run.precision.autocast():
+        loss, values = step(model, visible, thermal, labels, epoch)
+    run.precision.backward_and_step(loss, optimizer)
+    return {'loss': loss.detach(), **values}
+
+
 def train_one_epoch(run, model, optimizer, step, loader, epoch):
     """One pass over a loader of (visible, thermal, visible labels, thermal labels) batches with
     step (see the module docstring). Returns the epoch means of 'loss' and of step's values
@@ -262,22 +280,15 @@ def train_one_epoch(run, model, optimizer, step, loader, epoch):
     throughput = utils.Throughput(len(loader) * loader.batch_size * 2 * run.world_size)
     progress = tqdm(loader, desc=f'epoch {epoch}', unit='step', leave=False, dynamic_ncols=True, mininterval=1.0,
                     disable=not run.is_main)
-    for index, (visible, thermal, visible_labels, thermal_labels) in enumerate(progress):
-        visible, thermal = run.batch_to_device(visible), run.batch_to_device(thermal)
-        labels = torch.cat((visible_labels, thermal_labels)).to(run.device, non_blocking=True)
-        if run.args.compile:  # a new iteration: CUDA graphs (--compile reduce-overhead) may reuse their buffers
-            torch.compiler.cudagraph_mark_step_begin()
-        with run.precision.autocast():
-            loss, values = step(model, visible, thermal, labels, epoch)
-        run.precision.backward_and_step(loss, optimizer)
-
-        values = {'loss': loss.detach(), **values}
+    for index, batch in enumerate(progress):
+        values = train_step(run, model, optimizer, step, batch, epoch)
+        batch_images = len(batch[2]) + len(batch[3])
         for name, value in values.items():
             # A tensor value is added up on the device, a number on the host: neither waits for the GPU.
-            weighted = (value.detach().double() if torch.is_tensor(value) else float(value)) * len(labels)
+            weighted = (value.detach().double() if torch.is_tensor(value) else float(value)) * batch_images
             totals[name] = totals[name] + weighted if name in totals else weighted
-        images += len(labels)
-        throughput.update(len(labels) * run.world_size)
+        images += batch_images
+        throughput.update(batch_images * run.world_size)
         if (index + 1) % run.args.log_every == 0 or index + 1 == len(loader):
             global_step = epoch * len(loader) + index
             for name, value in values.items():

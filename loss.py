@@ -64,8 +64,9 @@ MAX_ENUMERATED_STRIPES = 7
 
 
 @functools.lru_cache(maxsize=None)
-def _all_permutations(num_stripe):
-    return torch.tensor(list(itertools.permutations(range(num_stripe))), dtype=torch.long)
+def _all_permutations(num_stripe, device):
+    """(S!, S) int64 on `device`, copied there once: a copy from host memory makes the host wait for the GPU."""
+    return torch.tensor(list(itertools.permutations(range(num_stripe))), dtype=torch.long).to(device)
 
 
 def decode_permutations(predicted):
@@ -78,7 +79,7 @@ def decode_permutations(predicted):
     scores = predicted.detach().float().clamp_min(1e-30).log()
     num_stripe = scores.shape[1]
     if num_stripe <= MAX_ENUMERATED_STRIPES:
-        candidates = _all_permutations(num_stripe).to(scores.device)                       # (S!, S)
+        candidates = _all_permutations(num_stripe, scores.device)                          # (S!, S)
         totals = scores[:, torch.arange(num_stripe, device=scores.device), candidates].sum(dim=2)  # (B, S!)
         return candidates[totals.argmax(dim=1)]
     decoded = [linear_sum_assignment(matrix, maximize=True)[1] for matrix in scores.cpu().numpy()]

@@ -1,9 +1,12 @@
 """The training engine's speed features on the CPU: mixed precision, augmentation on the device,
 channels-last, device-side permutation decoding."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
 
 import engine
@@ -28,16 +31,21 @@ def test_decoding_finds_the_permutation_the_hungarian_algorithm_finds(num_stripe
     assert torch.equal(decode_permutations(predicted), torch.from_numpy(np.stack(expected)).long())
 
 
+def three_methods():
+    """{name: (a small ResNet-18 network, its script's training step)} for MMGL, AGW and DDAG."""
+    ddag_args = train_ddag.get_args_parser().parse_args(['--wpa', '--graph', '--low-dim', '8', '--nheads', '2'])
+    return {'mmgl': (MMGLNet('resnet18', part=True, perm_input='parts'),
+                     mmgl_train.make_step(mmgl_train.get_args_parser().parse_args(['--pcc', '--part']))),
+            'agw': (build_agw(2, 'agw', 'resnet18'), agw_train.make_step('agw', 0.3)),
+            'ddag': (build_ddag(2, ddag_args, 'resnet18'), train_ddag.DDAGLoss(ddag_args))}
+
+
 def test_every_step_gives_a_float32_loss_under_bfloat16_autocast():
     precision = engine.Precision(True, torch.device('cpu'))
     assert precision.dtype == torch.bfloat16 and not precision.scaler.is_enabled()
     visible, thermal = torch.randn(4, 3, 48, 24), torch.randn(4, 3, 48, 24)
     labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
-    ddag_args = train_ddag.get_args_parser().parse_args(['--wpa', '--graph', '--low-dim', '8', '--nheads', '2'])
-    runs = {'mmgl': (MMGLNet('resnet18', part=True, perm_input='parts'),
-                     mmgl_train.make_step(mmgl_train.get_args_parser().parse_args(['--pcc', '--part']))),
-            'agw': (build_agw(2, 'agw', 'resnet18'), agw_train.make_step('agw', 0.3)),
-            'ddag': (build_ddag(2, ddag_args, 'resnet18'), train_ddag.DDAGLoss(ddag_args))}
+    runs = three_methods()
     for name, (net, step) in runs.items():
         with precision.autocast():
             assert net.feature_map(visible, thermal).dtype == torch.bfloat16, name  # the network runs in bf16
@@ -47,6 +55,63 @@ def test_every_step_gives_a_float32_loss_under_bfloat16_autocast():
         gradients = [parameter.grad for parameter in net.parameters() if parameter.grad is not None]
         assert gradients and all(gradient.dtype == torch.float32 and torch.isfinite(gradient).all()
                                  for gradient in gradients), name
+
+
+class HostWaits(TorchFunctionMode):
+    """Records the calls that make the host wait for the GPU: reading a tensor's values (item, tolist,
+    bool, float, int, cpu, numpy, nonzero) and copies from host memory to a device that are not
+    non-blocking (to, copy_, torch.tensor/as_tensor with a device: PyTorch then synchronises the stream)."""
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+             torch.Tensor.__int__, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.nonzero, torch.nonzero}
+
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.READS:
+            self.waits.append(func.__name__)
+        elif func in (torch.tensor, torch.as_tensor) and torch.device(kwargs.get('device') or 'cpu').type != 'cpu':
+            self.waits.append(f'{func.__name__}(device=...)')
+        elif func is torch.Tensor.to:
+            target, _, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+            self.record_copy('to', args[0], target, non_blocking)
+        elif func is torch.Tensor.copy_:
+            self.record_copy('copy_', args[1], args[0].device, kwargs.get('non_blocking', args[2:3] == (True,)))
+        return func(*args, **kwargs)
+
+    def record_copy(self, name, source, target, non_blocking):
+        if target is not None and source.device.type == 'cpu' and target.type != 'cpu' and not non_blocking:
+            self.waits.append(f'{name} from host memory')
+
+
+def test_a_training_step_never_makes_the_host_wait_for_the_device(sysu_preprocessed, monkeypatch):
+    """No per-step synchronisation (issue #10): MMGL's, AGW's and DDAG's steps, from the loader's batch
+    (uint8, augmented on the device) to the optimiser step, read no value of a device tensor and make no
+    blocking copy to the device once the first step has run. Run on the meta device, which has no
+    values at all, under a recorder of the calls that would make a GPU's host wait."""
+    monkeypatch.setattr(utils, 'full_precision', lambda device: contextlib.nullcontext())  # no autocast on meta
+    meta = torch.device('meta')
+    args = mmgl_train.get_args_parser().parse_args(run_args(sysu_preprocessed.parent, sysu_preprocessed,
+                                                            '--augment', 'device'))
+    run = engine.Run(args, 'x', meta, sysu_preprocessed, None, engine.NullWriter(),
+                     precision=engine.Precision(False, meta), augment_on_device=True)
+    runs = three_methods()
+    images = torch.zeros(4, 60, 30, 3, dtype=torch.uint8)  # a loader's batch: uint8, in host memory
+    batch = (images, images, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1]))
+    for name, (net, step) in runs.items():
+        net.to(meta).train()
+        optimizer = utils.make_optimizer(net.parameters(), 0.01)
+        for _ in range(2):  # the first step may place constants on the device once
+            with HostWaits() as recorder:
+                engine.train_step(run, net, optimizer, step, batch, epoch=0)
+        assert recorder.waits == [], name
+    with HostWaits() as recorder:  # the recorder sees what it is meant to see
+        torch.tensor([0.5], device=meta)
+        images.to(meta)
+        torch.empty(4, 60, 30, 3, dtype=torch.uint8, device=meta).copy_(images)
+    assert recorder.waits == ['tensor(device=...)', 'to from host memory', 'copy_ from host memory']
 
 
 def test_speed_flags_reach_the_run_and_resume_stays_exact(tmp_path, sysu_preprocessed):
