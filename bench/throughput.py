@@ -3,11 +3,13 @@ and DDAG training steps in float32 and with --amp (and --channels_last, and --co
 of whole train.py epochs with the loader (and with the augmentation on the device).
 
     python bench/throughput.py                                       # GPU: 288x144, batch 32+32
+    python bench/throughput.py --methods mmgl --batch 32,64,128      # MMGL at larger batches
     python bench/throughput.py --img_h 96 --img_w 48 --batch 8 --arch resnet18 --epoch_steps 10   # CPU
 
 The step figures time the scripts' own steps (train.make_step, AGW's make_step, DDAG's DDAGLoss)
 with engine.Precision on random images already on the device: forward, losses, backward and the
-optimiser step, --steps timed after --warmup. The epoch figures run train.main on the synthetic set
+optimiser step, --steps timed after --warmup; on a GPU one more step runs under CUDA's
+synchronisation debug mode, which counts the times the host waits for the GPU. The epoch figures run train.main on the synthetic set
 (generated on first use), two epochs of --epoch_steps steps, and report the second (the first pays
 for start-up). Prints a Markdown table; --out also writes it to a file.
 """
@@ -16,6 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,12 +47,30 @@ EPOCH_FLAGS = ((), ('--augment', 'device'), ('--amp', '--channels_last'),
 CLASSES = 395  # SYSU-MM01's training identities
 
 
+METHODS = ('mmgl', 'agw', 'ddag')
+
+
+def counts(text):
+    """'32,64' -> [32, 64] (argparse type of --batch)."""
+    try:
+        values = [int(value) for value in text.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected numbers separated by commas, got {text!r}')
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f'a batch has at least 1 image, got {text!r}')
+    return values
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description='Training throughput of MMGL, AGW and DDAG')
     parser.add_argument('--arch', default='resnet50', choices=ARCHS)
     parser.add_argument('--img_h', default=288, type=int)
     parser.add_argument('--img_w', default=144, type=int)
-    parser.add_argument('--batch', default=32, type=int, help='images per modality in a step (AGW/DDAG: 8 x 4)')
+    parser.add_argument('--batch', default='32', type=counts,
+                        help='images per modality in a step (AGW/DDAG: identities of 4 images), or a comma list of '
+                             'such numbers: every row at each')
+    parser.add_argument('--methods', default=','.join(METHODS), type=lambda text: text.split(','),
+                        help=f'the training steps timed, a comma list of {", ".join(METHODS)}')
     parser.add_argument('--warmup', default=5, type=int)
     parser.add_argument('--steps', default=20, type=int)
     parser.add_argument('--epoch_steps', default=50, type=int, help='steps of each timed train.py epoch (0: skip)')
@@ -62,16 +83,21 @@ def get_args_parser():
     return parser
 
 
-def networks_and_steps(args):
-    """{method: (network builder, step)} with each script's default flags."""
+def networks_and_steps(args, methods=METHODS):
+    """{method's name: (network builder, step)} with each script's default flags, for those in `methods`."""
     mmgl_args = mmgl_train.get_args_parser().parse_args(['--pcc', '--part'])
     ddag_args = train_ddag.get_args_parser().parse_args(['--wpa', '--graph'])
-    return {
-        'MMGL (--pcc --part)': (lambda: MMGLNet(args.arch, 'two', 6, part=True, perm_input='parts'),
-                                mmgl_train.make_step(mmgl_args)),
-        'AGW': (lambda: build_agw(CLASSES, 'agw', args.arch), agw_train.make_step('agw', 0.3)),
-        'DDAG (--wpa --graph)': (lambda: build_ddag(CLASSES, ddag_args, args.arch), train_ddag.DDAGLoss(ddag_args)),
+    every = {
+        'mmgl': ('MMGL (--pcc --part)', lambda: MMGLNet(args.arch, 'two', 6, part=True, perm_input='parts'),
+                 mmgl_train.make_step(mmgl_args)),
+        'agw': ('AGW', lambda: build_agw(CLASSES, 'agw', args.arch), agw_train.make_step('agw', 0.3)),
+        'ddag': ('DDAG (--wpa --graph)', lambda: build_ddag(CLASSES, ddag_args, args.arch),
+                 train_ddag.DDAGLoss(ddag_args)),
     }
+    unknown = sorted(set(methods) - set(every))
+    if unknown:
+        raise utils.UserError(f'--methods: unknown {", ".join(unknown)}; choose from {", ".join(METHODS)}.')
+    return {every[method][0]: every[method][1:] for method in METHODS if method in methods}
 
 
 def training_setup(build, batch, img_h, img_w, device, memory_format=torch.contiguous_format):
@@ -89,11 +115,12 @@ def training_setup(build, batch, img_h, img_w, device, memory_format=torch.conti
     return model, optimizer, (visible, thermal, torch.cat((ids, ids)))
 
 
-def time_step(build, step, precision, channels_last, compile_mode, args, device):
-    """(ms per step, peak GPU memory in GiB or None) of one method's training step (with a compile_mode,
-    of the torch.compile'd network, as --compile does; the warm-up steps pay for the compilation)."""
+def time_step(build, step, precision, channels_last, compile_mode, batch, args, device):
+    """(ms per step, peak GPU memory in GiB or None, host waits in a step or None) of one method's training
+    step on batch + batch images (with a compile_mode, of the torch.compile'd network, as --compile does;
+    the warm-up steps pay for the compilation). The waits are counted on GPUs only."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model, optimizer, (visible, thermal, labels) = training_setup(build, args.batch, args.img_h, args.img_w, device,
+    model, optimizer, (visible, thermal, labels) = training_setup(build, batch, args.img_h, args.img_w, device,
                                                                   memory_format)
     trained = engine.compile_network(model, compile_mode) if compile_mode else model
 
@@ -115,15 +142,25 @@ def time_step(build, step, precision, channels_last, compile_mode, args, device)
     if device.type == 'cuda':
         torch.cuda.synchronize()
     milliseconds = 1000 * (time.perf_counter() - start) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == 'cuda' else None
-    return milliseconds, peak
+    if device.type != 'cuda':
+        return milliseconds, None, None
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    with warnings.catch_warnings(record=True) as caught:  # CUDA warns at every synchronising call
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            one_step()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    return milliseconds, peak, sum('synchroniz' in str(warning.message) for warning in caught)
 
 
-def time_epochs(args, extra_flags):
-    """images/s of the second of two train.py epochs of --epoch_steps steps on the synthetic set."""
+def time_epochs(args, batch, extra_flags):
+    """images/s of the second of two train.py epochs of --epoch_steps steps of batch + batch images on
+    the synthetic set."""
     with tempfile.TemporaryDirectory() as folder:
         flags = ['--dataset', 'synthetic', '--arch', args.arch, '--img_h', str(args.img_h), '--img_w', str(args.img_w),
-                 '--batch-size', str(args.batch), '--pcc', '--part', '--epochs', '2',
+                 '--batch-size', str(batch), '--pcc', '--part', '--epochs', '2',
                  '--steps_per_epoch', str(args.epoch_steps), '--workers', str(args.workers), '--gpu', args.gpu,
                  '--model_path', folder, '--log_path', folder, '--vis_log_path', folder, *extra_flags]
         history = mmgl_train.main(flags)
@@ -140,42 +177,46 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     device = utils.select_device(args.gpu)
     card = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
-    lines = [f'{card}, torch {torch.__version__}, {args.arch} {args.img_h}x{args.img_w}, '
-             f'{args.batch}+{args.batch} images a step', '',
-             '| training step | precision | ms/step | images/s | peak GPU memory (GiB) |', '|---|---|---|---|---|']
+    lines = [f'{card}, torch {torch.__version__}, {args.arch} {args.img_h}x{args.img_w}', '',
+             '| training step | images a step | precision | ms/step | images/s | peak GPU memory (GiB) | host waits a step |',
+             '|---|---|---|---|---|---|---|']
     # Compiled rows come last in each table: they pay for the compilation, so a run cut short by a
     # time limit has printed every plain row first (the tables keep the PRECISIONS order).
     step_rows, epoch_rows = {}, {}
-    networks = networks_and_steps(args)
+    networks = networks_and_steps(args, args.methods)
     for compiled in (True,) if args.compiled_only else (False, True):
         for method, (build, step) in networks.items():
-            for name in args.precisions.split(','):
-                options = PRECISIONS[name]
-                if (options['compile'] is not None) != compiled:
-                    continue
-                precision = engine.Precision(options['amp'], device)
-                try:
-                    milliseconds, peak = time_step(build, step, precision, options['channels_last'],
-                                                   options['compile'], args, device)
-                    figures = (f'{milliseconds:.1f} | {2 * args.batch * 1000 / milliseconds:.0f} | '
-                               f'{"-" if peak is None else f"{peak:.2f}"}')
-                except Exception as error:  # a failed row stays in the table
-                    figures = failure(error) + ' | | '
-                step_rows[method, name] = f'| {method} | {name} ({precision}) | {figures} |'
-                print(step_rows[method, name], flush=True)
-        for flags in EPOCH_FLAGS if args.epoch_steps else ():
-            if ('--compile' in flags) == compiled:
-                try:
-                    figure = f'{time_epochs(args, list(flags)):.0f}'
-                except Exception as error:
-                    figure = failure(error)
-                epoch_rows[flags] = f'| {" ".join(flags) or "defaults"} | {figure} |'
-                print(epoch_rows[flags], flush=True)
-    lines += [step_rows[key] for key in sorted(step_rows, key=lambda key: (list(networks).index(key[0]),
-                                                                            list(PRECISIONS).index(key[1])))]
+            for batch in args.batch:
+                for name in args.precisions.split(','):
+                    options = PRECISIONS[name]
+                    if (options['compile'] is not None) != compiled:
+                        continue
+                    precision = engine.Precision(options['amp'], device)
+                    try:
+                        milliseconds, peak, waits = time_step(build, step, precision, options['channels_last'],
+                                                              options['compile'], batch, args, device)
+                        figures = (f'{milliseconds:.1f} | {2 * batch * 1000 / milliseconds:.0f} | '
+                                   f'{"-" if peak is None else f"{peak:.2f}"} | {"-" if waits is None else waits}')
+                    except Exception as error:  # a failed row stays in the table
+                        figures = failure(error) + ' | | |'
+                    step_rows[method, batch, name] = f'| {method} | {batch}+{batch} | {name} ({precision}) | {figures} |'
+                    print(step_rows[method, batch, name], flush=True)
+        for batch in args.batch if args.epoch_steps and 'mmgl' in args.methods else ():
+            for flags in EPOCH_FLAGS:
+                if ('--compile' in flags) == compiled:
+                    try:
+                        figure = f'{time_epochs(args, batch, list(flags)):.0f}'
+                    except Exception as error:
+                        figure = failure(error)
+                    epoch_rows[batch, flags] = f'| {" ".join(flags) or "defaults"} | {batch}+{batch} | {figure} |'
+                    print(epoch_rows[batch, flags], flush=True)
+    lines += [step_rows[key] for key in sorted(step_rows, key=lambda key: (
+        list(networks).index(key[0]), key[1], list(PRECISIONS).index(key[2])))]
     if epoch_rows:
-        lines += ['', '| whole train.py epoch (--pcc --part) | images/s |', '|---|---|',
-                  *(epoch_rows[flags] for flags in EPOCH_FLAGS if flags in epoch_rows)]
+        lines += ['', f'| whole train.py epoch of {args.epoch_steps} steps (--pcc --part) | images a step | images/s |',
+                  '|---|---|---|',
+                  *(epoch_rows[batch, flags] for batch in args.batch for flags in EPOCH_FLAGS
+                    if (batch, flags) in epoch_rows)]
     table = '\n'.join(lines)
     print('\n' + table)
     if args.out:

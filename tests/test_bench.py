@@ -1,10 +1,14 @@
 """The study scripts in bench/: variant flags and tables (no training here; the scripts' runs are measurements)."""
 import sys
 
+import pytest
+
+import utils
 from utils import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / 'bench'))
 import pretext_study  # noqa: E402
+import throughput  # noqa: E402
 import train as mmgl_train  # noqa: E402
 
 
@@ -36,3 +40,15 @@ def test_study_table_keeps_failed_variants(tmp_path):
     assert '| paper |' in table and 'failed: RuntimeError: boom' in table
     pretext_study.plot_curves(results, tmp_path / 'curves.png')
     assert (tmp_path / 'curves.png').stat().st_size > 0
+
+
+def test_throughput_times_each_method_at_each_batch_and_refuses_unknown_methods(tmp_path):
+    table_file = tmp_path / 'throughput.md'
+    throughput.main(['--arch', 'resnet18', '--img_h', '48', '--img_w', '24', '--batch', '2,3', '--warmup', '1',
+                     '--steps', '1', '--epoch_steps', '0', '--methods', 'mmgl', '--precisions', 'fp32',
+                     '--out', str(table_file)])
+    rows = [line for line in table_file.read_text().splitlines() if line.startswith('| MMGL')]
+    assert [row.split(' | ')[1] for row in rows] == ['2+2', '3+3']
+    assert all(float(row.split(' | ')[3]) > 0 for row in rows)  # ms/step
+    with pytest.raises(utils.UserError, match='--methods: unknown agv'):
+        throughput.main(['--methods', 'mmgl,agv'])
