@@ -1,15 +1,21 @@
-"""The study scripts in bench/: variant flags and tables (no training here; the scripts' runs are measurements)."""
+"""The scripts in bench/: study variants and tables, the throughput table, the stream-gap diagnosis (no training
+here; the scripts' runs are measurements)."""
 import sys
 
 import pytest
+import torch
 
 import utils
 from utils import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / 'bench'))
 import pretext_study  # noqa: E402
+import stream_gap  # noqa: E402
+import test as mmgl_test  # noqa: E402
 import throughput  # noqa: E402
 import train as mmgl_train  # noqa: E402
+import data_loader  # noqa: E402
+from model import MMGLNet  # noqa: E402
 
 
 def parsed(flags):
@@ -52,3 +58,35 @@ def test_throughput_times_each_method_at_each_batch_and_refuses_unknown_methods(
     assert all(float(row.split(' | ')[3]) > 0 for row in rows)  # ms/step
     with pytest.raises(utils.UserError, match='--methods: unknown agv'):
         throughput.main(['--methods', 'mmgl,agv'])
+
+
+def test_stream_gap_reestimates_each_stem_on_its_own_modality(tmp_path, sysu_preprocessed):
+    """bench/stream_gap.py on a one-stream checkpoint: the saved stems are one (no statistics gap); after
+    the re-estimation each stem's batch norm holds the mean of its own modality's conv1 outputs, and the
+    rest of the network is untouched."""
+    torch.manual_seed(0)
+    checkpoint = tmp_path / 'one_stream.t'
+    torch.save(MMGLNet('resnet18', stream='one', part=True, perm_input='parts').state_dict(), checkpoint)
+    flags = ['--dataset', 'sysu', '--data_path', str(sysu_preprocessed), '--img_h', '48', '--img_w', '24',
+             '--workers', '0', '--train_images', '6', '--resume', str(checkpoint)]
+    results = stream_gap.main([*flags, '--out', str(tmp_path / 'gap.md')])
+    assert results['statistics gap'][0] == 0 and results['statistics gap'][1] > 0
+    assert set(results['as saved']) == {(split, modality) for split in ('training', 'held-out')
+                                        for modality in ('visible', 'infrared')}
+    assert all(0 <= rate <= 1 for rate in results['stems per modality'].values())
+    assert len([line for line in (tmp_path / 'gap.md').read_text().splitlines() if line.startswith('| as saved')]) == 1
+
+    args = stream_gap.get_args_parser().parse_args(flags)
+    model = mmgl_test.load_model(args, torch.device('cpu'))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    images = stream_gap.training_images(args, sysu_preprocessed, data_loader.test_transform(48, 24))
+    stream_gap.reestimate_stem_statistics(model, images, args, torch.device('cpu'))
+    for modal, stem in ((1, model.visible_module.visible), (2, model.thermal_module.thermal)):
+        batches = stream_gap.shuffled_batches(images[modal], 6, args.test_batch, args.seed + 1, torch.device('cpu'))
+        with torch.no_grad():
+            conv_outputs = torch.cat([stem.conv1(shuffled) for shuffled, _ in batches])
+        assert torch.allclose(stem.bn1.running_mean, conv_outputs.mean(dim=(0, 2, 3)), atol=1e-5)
+    changed = {key for key, value in model.state_dict().items() if not torch.equal(value, before[key])}
+    assert changed and all(key.split('.')[2] == 'bn1' for key in changed)
+    with pytest.raises(utils.UserError, match='--train_images'):
+        stream_gap.main([*flags, '--train_images', '0'])
