@@ -75,7 +75,12 @@ def get_args_parser():
     parser.add_argument('--steps', default=20, type=int)
     parser.add_argument('--epoch_steps', default=50, type=int, help='steps of each timed train.py epoch (0: skip)')
     parser.add_argument('--workers', default=8, type=int, help='loader processes of the train.py epochs')
+    parser.add_argument('--data_path', default=None,
+                        help='the synthetic set of the train.py epochs (default: data/synthetic, generated on first use)')
     parser.add_argument('--precisions', default=','.join(PRECISIONS))
+    parser.add_argument('--epoch_flags', action='append', type=str.split,
+                        help="the train.py flags of one epoch row, in one argument (--epoch_flags='--amp "
+                             "--channels_last'; repeat it for more rows); default: every row of EPOCH_FLAGS")
     parser.add_argument('--gpu', default='0')
     parser.add_argument('--compiled_only', action='store_true',
                         help='only the --compile rows (the step rows of the --compile precisions, the compiled epoch)')
@@ -159,7 +164,8 @@ def time_epochs(args, batch, extra_flags):
     """images/s of the second of two train.py epochs of --epoch_steps steps of batch + batch images on
     the synthetic set."""
     with tempfile.TemporaryDirectory() as folder:
-        flags = ['--dataset', 'synthetic', '--arch', args.arch, '--img_h', str(args.img_h), '--img_w', str(args.img_w),
+        data = ['--data_path', args.data_path] if args.data_path else []
+        flags = ['--dataset', 'synthetic', *data, '--arch', args.arch, '--img_h', str(args.img_h), '--img_w', str(args.img_w),
                  '--batch-size', str(batch), '--pcc', '--part', '--epochs', '2',
                  '--steps_per_epoch', str(args.epoch_steps), '--workers', str(args.workers), '--gpu', args.gpu,
                  '--model_path', folder, '--log_path', folder, '--vis_log_path', folder, *extra_flags]
@@ -184,6 +190,7 @@ def main(argv=None):
     # time limit has printed every plain row first (the tables keep the PRECISIONS order).
     step_rows, epoch_rows = {}, {}
     networks = networks_and_steps(args, args.methods)
+    epoch_flags = [tuple(flags) for flags in args.epoch_flags] if args.epoch_flags else EPOCH_FLAGS
     for compiled in (True,) if args.compiled_only else (False, True):
         for method, (build, step) in networks.items():
             for batch in args.batch:
@@ -202,7 +209,7 @@ def main(argv=None):
                     step_rows[method, batch, name] = f'| {method} | {batch}+{batch} | {name} ({precision}) | {figures} |'
                     print(step_rows[method, batch, name], flush=True)
         for batch in args.batch if args.epoch_steps and 'mmgl' in args.methods else ():
-            for flags in EPOCH_FLAGS:
+            for flags in epoch_flags:
                 if ('--compile' in flags) == compiled:
                     try:
                         figure = f'{time_epochs(args, batch, list(flags)):.0f}'
@@ -215,7 +222,7 @@ def main(argv=None):
     if epoch_rows:
         lines += ['', f'| whole train.py epoch of {args.epoch_steps} steps (--pcc --part) | images a step | images/s |',
                   '|---|---|---|',
-                  *(epoch_rows[batch, flags] for batch in args.batch for flags in EPOCH_FLAGS
+                  *(epoch_rows[batch, flags] for batch in args.batch for flags in epoch_flags
                     if (batch, flags) in epoch_rows)]
     table = '\n'.join(lines)
     print('\n' + table)
