@@ -8,24 +8,29 @@
 #   pair        the paper's command (--pcc --part, SGD lr 0.1, 100 epochs x 100 steps = the 10,000
 #               steps of #9's target) as pretext-study variants `default` (fp32, loader augmentation)
 #               and `default+fast` (--amp --channels_last --augment device) side by side      335 s
-#   onestream   `default+onestream+fast` (--stream one) alone on the card                       410 s
+#   onestream   `default+onestream+fast` (--stream one) alone on the card, then test.py on its weights
+#               of every 10th epoch at once (the held-out curve) and bench/stream_gap.py on the last
+#               (training vs held-out identities, stems' batch norm as saved vs per modality)  410 s + 40 s
 #   compile     only the --compile rows of bench/throughput.py (reduce-overhead: CUDA graphs,
 #               then torch's default mode; MMGL first)                                         130 s
+#   batches     the MMGL step and whole epochs at 64+64 and 128+128 images, amp + channels_last with
+#               and without --compile reduce-overhead (is 5,000 images/s a matter of batch size?) 150 s
 # The NVIDIA H200 session of 2026-11-26 ran `throughput pair` (and a 150 s onestream run); what is
-# left is the default:
-#   bash bench/gpu_session.sh [stage ...]            # default: onestream compile (about 9.7 minutes)
-#   SMOKE=1 bash bench/gpu_session.sh pair           # a rehearsal on the CPU at ResNet-18 96x48
-# Stage lengths can be changed with THROUGHPUT_S, PAIR_S, ONESTREAM_S and COMPILE_S (seconds).
-# Runs and checkpoints go to $WORK (default /tmp/gpu_session); $OUT (default ./gpu_out) gets at most seven
-# files: card.txt, throughput.md and compile.md (the stages' tables, when complete), summary.txt, table.md
-# and curves.png (bench/runs_table.py: the pretext study's table of the training runs) and logs.tgz
-# (logs and tensorboardX files, no weights).
+# left takes two calls on one warm machine (about 7.5 and 4.5 minutes):
+#   bash bench/gpu_session.sh                        # default: onestream
+#   bash bench/gpu_session.sh compile batches
+#   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48
+# Stage lengths can be changed with THROUGHPUT_S, PAIR_S, ONESTREAM_S, COMPILE_S and BATCHES_S (seconds).
+# Runs and checkpoints go to $WORK (default /tmp/gpu_session); $OUT (default ./gpu_out) gets at most eight
+# files: card.txt, throughput.md, compile.md and batches.md (the stages' tables, when complete), summary.txt,
+# table.md and curves.png (bench/runs_table.py: the pretext study's table of the training runs) and logs.tgz
+# (logs, test outputs and tensorboardX files, no weights).
 # tensorboardX, which the machine lacks, is installed from .whl/ when present (fill it here as the device
 # README says: tensorboardx, protobuf and packaging wheels; .whl listed in .git/info/exclude and named in
 # the call's carry).
 set -uo pipefail
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(onestream compile)
+[ ${#stages[@]} -eq 0 ] && stages=(onestream)
 out=${OUT:-gpu_out}
 work=${WORK:-/tmp/gpu_session}
 mkdir -p "$out" "$work"
@@ -37,14 +42,18 @@ fi
 python -c 'import tensorboardX' || { echo "tensorboardX is missing: carry its wheels in .whl (see the top of this script)"; exit 1; }
 
 if [ "${SMOKE:-0}" = 1 ]; then
-  size=(--arch resnet18 --img_h 96 --img_w 48)
+  image_size=(--img_h 96 --img_w 48)
+  size=(--arch resnet18 "${image_size[@]}")
   throughput_flags=(--batch 8 --steps 2 --warmup 1 --epoch_steps 3 --workers 1)
+  larger_batches=8,16
   train_flags=(--batch-size 8 --workers 1)
   schedule=(--epochs 10 --steps_per_epoch 4)
   echo "CPU rehearsal ($(nproc) cores)" | tee "$out/card.txt"
 else
+  image_size=()  # the scripts' default, 288x144
   size=(--arch resnet50)
   throughput_flags=(--steps 10 --epoch_steps 30 --workers 8)
+  larger_batches=64,128
   train_flags=(--batch-size 32 --workers 6)
   schedule=(--epochs 100 --steps_per_epoch 100)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/card.txt"
@@ -70,21 +79,39 @@ print(" ".join(pretext_study.variant_flags(sys.argv[1])))' "$name")"
   [ -n "$weights" ] && python test.py --dataset synthetic --resume "$weights" --workers 4 >> "$work/$name.test.txt" 2>&1
 }
 
+judge_curve() {  # pretext-study variant: test.py on its weights of every 10th epoch, all at once, then stream_gap.py on the last
+  local name=$1 weights epoch
+  mkdir -p "$work/$name.curve"
+  for weights in "$work/$name"/*_epoch_*0.t; do
+    [ -e "$weights" ] || continue
+    epoch=${weights##*_epoch_}; epoch=${epoch%.t}
+    timeout 120 python test.py --dataset synthetic --resume "$weights" --workers 2 > "$work/$name.curve/epoch_$epoch.txt" 2>&1 &
+  done
+  wait
+  weights=$(ls -t "$work/$name"/*_epoch_*.t 2>/dev/null | head -1)
+  [ -n "$weights" ] && timeout 120 python bench/stream_gap.py --dataset synthetic "${image_size[@]}" --resume "$weights" \
+    --workers 2 --out "$work/$name.gap.md" > "$work/$name.gap.txt" 2>&1
+}
+
 for stage in "${stages[@]}"; do
   case $stage in
     throughput) throughput throughput "${THROUGHPUT_S:-170}" ;;
     pair) study "${PAIR_S:-335}" default & study "${PAIR_S:-335}" default+fast & wait ;;
-    onestream) study "${ONESTREAM_S:-410}" default+onestream+fast ;;
+    onestream) study "${ONESTREAM_S:-410}" default+onestream+fast; judge_curve default+onestream+fast ;;
     compile) throughput compile "${COMPILE_S:-130}" --compiled_only \
                --precisions 'amp + channels_last + compile reduce-overhead,amp + channels_last + compile' ;;
-    *) echo "unknown stage $stage: choose from throughput pair onestream compile"; exit 1 ;;
+    batches) throughput batches "${BATCHES_S:-150}" --methods mmgl --batch "$larger_batches" \
+               --precisions 'amp + channels_last,amp + channels_last + compile reduce-overhead' \
+               --epoch_flags='--amp --channels_last --augment device' \
+               --epoch_flags='--amp --channels_last --augment device --compile reduce-overhead' ;;
+    *) echo "unknown stage $stage: choose from throughput pair onestream compile batches"; exit 1 ;;
   esac
 done
 
 tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
 {
   echo "== card"; cat "$out/card.txt"
-  for name in throughput compile; do
+  for name in throughput compile batches; do
     [ -f "$work/$name.log" ] || continue
     echo "== $name"
     if [ -f "$out/$name.md" ]; then cat "$out/$name.md"; else grep '^|' "$work/$name.log"; echo "(cut by its time limit)"; fi
@@ -98,6 +125,13 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
     grep -h '^epoch' "$log" | tail -1 | cut -c1-200
     echo "== $name: held-out test"
     head -1 "$work/$name.test.txt"; grep -E 'permutation recovery|zero-shot' "$work/$name.test.txt"
+    if [ -d "$work/$name.curve" ]; then
+      echo "== $name: held-out exact (both modalities) by epoch (100 steps an epoch)"
+      for judged in $(ls "$work/$name.curve" | sort -t_ -k2 -n); do
+        echo "$judged: $(grep -h '^permutation recovery, both' "$work/$name.curve/$judged" | cut -c1-120)"
+      done
+      echo "== $name: stream gap"; cat "$work/$name.gap.md" 2>/dev/null || tail -3 "$work/$name.gap.txt"
+    fi
     cat "$work/$name.train.txt" "$work/$name.test.txt" | tr '\r' '\n' | grep -iE 'error|traceback' | tail -3
     grep -q '^permutation recovery, both' "$work/$name.test.txt" && runs+=("$name=$log,$work/$name.test.txt")
   done
