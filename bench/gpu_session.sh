@@ -15,14 +15,18 @@
 #               then torch's default mode; MMGL first)                                         130 s
 #   batches     the MMGL step and whole epochs at 64+64 and 128+128 images, amp + channels_last with
 #               and without --compile reduce-overhead (is 5,000 images/s a matter of batch size?) 150 s
+#   profile     bench/step_profile.py: how busy the GPU is in the MMGL and AGW steps (fp32, amp +
+#               channels_last) and their costliest operators                                    60 s
 # The NVIDIA H200 session of 2026-11-26 ran `throughput pair` (and a 150 s onestream run); what is
-# left takes two calls on one warm machine (about 7.5 and 4.5 minutes):
+# left takes two calls on one warm machine (about 7.5 and 6 minutes):
 #   bash bench/gpu_session.sh                        # default: onestream
-#   bash bench/gpu_session.sh compile batches
+#   bash bench/gpu_session.sh profile compile batches
 #   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48
-# Stage lengths can be changed with THROUGHPUT_S, PAIR_S, ONESTREAM_S, COMPILE_S and BATCHES_S (seconds).
+# Stage lengths can be changed with THROUGHPUT_S, PAIR_S, ONESTREAM_S, COMPILE_S, BATCHES_S and PROFILE_S
+# (seconds); give the device call a limit above their sum plus a minute, or the summary is lost.
 # Runs and checkpoints go to $WORK (default /tmp/gpu_session); $OUT (default ./gpu_out) gets at most eight
-# files: card.txt, throughput.md, compile.md and batches.md (the stages' tables, when complete), summary.txt,
+# files: card.txt, throughput.md, compile.md and batches.md (the stages' tables, when complete), summary.txt
+# (with the profile's table; its operator lists are in logs.tgz),
 # table.md and curves.png (bench/runs_table.py: the pretext study's table of the training runs) and logs.tgz
 # (logs, test outputs and tensorboardX files, no weights).
 # tensorboardX, which the machine lacks, is installed from .whl/ when present (fill it here as the device
@@ -46,6 +50,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   size=(--arch resnet18 "${image_size[@]}")
   throughput_flags=(--batch 8 --steps 2 --warmup 1 --epoch_steps 3 --workers 1)
   larger_batches=8,16
+  profile_flags=(--batch 8 --steps 2 --warmup 1)
   train_flags=(--batch-size 8 --workers 1)
   schedule=(--epochs 10 --steps_per_epoch 4)
   echo "CPU rehearsal ($(nproc) cores)" | tee "$out/card.txt"
@@ -54,6 +59,7 @@ else
   size=(--arch resnet50)
   throughput_flags=(--steps 10 --epoch_steps 30 --workers 8)
   larger_batches=64,128
+  profile_flags=()
   train_flags=(--batch-size 32 --workers 6)
   schedule=(--epochs 100 --steps_per_epoch 100)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/card.txt"
@@ -104,7 +110,9 @@ for stage in "${stages[@]}"; do
                --precisions 'amp + channels_last,amp + channels_last + compile reduce-overhead' \
                --epoch_flags='--amp --channels_last --augment device' \
                --epoch_flags='--amp --channels_last --augment device --compile reduce-overhead' ;;
-    *) echo "unknown stage $stage: choose from throughput pair onestream compile batches"; exit 1 ;;
+    profile) timeout "${PROFILE_S:-60}" python bench/step_profile.py "${size[@]}" "${profile_flags[@]}" \
+               --out "$work/profile.md" > "$work/profile.log" 2>&1 ;;
+    *) echo "unknown stage $stage: choose from throughput pair onestream compile batches profile"; exit 1 ;;
   esac
 done
 
@@ -115,7 +123,12 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
     [ -f "$work/$name.log" ] || continue
     echo "== $name"
     if [ -f "$out/$name.md" ]; then cat "$out/$name.md"; else grep '^|' "$work/$name.log"; echo "(cut by its time limit)"; fi
+    grep -i 'skipping cudagraphs' "$work/$name.log" | sort | uniq -c | head -5  # why CUDA graphs were not used
   done
+  if [ -f "$work/profile.log" ]; then
+    echo "== profile"
+    if [ -f "$work/profile.md" ]; then sed -n '1,/^$/p;/^|/p' "$work/profile.md" | grep -v '^$'; else grep '^|' "$work/profile.log"; echo "(cut by its time limit)"; fi
+  fi
   runs=()  # the judged training runs, for bench/runs_table.py
   for log in "$work"/*/*.log; do
     [ -e "$log" ] || continue

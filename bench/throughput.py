@@ -120,10 +120,10 @@ def training_setup(build, batch, img_h, img_w, device, memory_format=torch.conti
     return model, optimizer, (visible, thermal, torch.cat((ids, ids)))
 
 
-def time_step(build, step, precision, channels_last, compile_mode, batch, args, device):
-    """(ms per step, peak GPU memory in GiB or None, host waits in a step or None) of one method's training
-    step on batch + batch images (with a compile_mode, of the torch.compile'd network, as --compile does;
-    the warm-up steps pay for the compilation). The waits are counted on GPUs only."""
+def step_runner(build, step, precision, channels_last, compile_mode, batch, args, device):
+    """one_step(): one training step of a method on batch + batch images made once on the device, in
+    its precision and memory format (with a compile_mode, of the torch.compile'd network, as --compile
+    does), after --warmup such steps (which pay for a compilation)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model, optimizer, (visible, thermal, labels) = training_setup(build, batch, args.img_h, args.img_w, device,
                                                                   memory_format)
@@ -138,15 +138,28 @@ def time_step(build, step, precision, channels_last, compile_mode, batch, args, 
 
     for _ in range(args.warmup):
         one_step()
+    return one_step
+
+
+def milliseconds_per_step(one_step, steps, device):
+    """Wall time of `steps` calls of one_step, divided by steps; on a GPU from an idle card to an idle card."""
     if device.type == 'cuda':
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         one_step()
     if device.type == 'cuda':
         torch.cuda.synchronize()
-    milliseconds = 1000 * (time.perf_counter() - start) / args.steps
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def time_step(build, step, precision, channels_last, compile_mode, batch, args, device):
+    """(ms per step, peak GPU memory in GiB or None, host waits in a step or None) of one method's training
+    step (step_runner's). The memory and the waits are measured on GPUs only."""
+    one_step = step_runner(build, step, precision, channels_last, compile_mode, batch, args, device)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    milliseconds = milliseconds_per_step(one_step, args.steps, device)
     if device.type != 'cuda':
         return milliseconds, None, None
     peak = torch.cuda.max_memory_allocated() / 2 ** 30

@@ -1,5 +1,5 @@
-"""The scripts in bench/: study variants and tables, the throughput table, the stream-gap diagnosis (no training
-here; the scripts' runs are measurements)."""
+"""The scripts in bench/: study variants and tables, the throughput table and step profile, the stream-gap
+diagnosis (no training here; the scripts' runs are measurements)."""
 import sys
 
 import pytest
@@ -10,6 +10,7 @@ from utils import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / 'bench'))
 import pretext_study  # noqa: E402
+import step_profile  # noqa: E402
 import stream_gap  # noqa: E402
 import test as mmgl_test  # noqa: E402
 import throughput  # noqa: E402
@@ -93,3 +94,16 @@ def test_stream_gap_reestimates_each_stem_on_its_own_modality(tmp_path, sysu_pre
     assert changed and all(key.split('.')[2] == 'bn1' for key in changed)
     with pytest.raises(utils.UserError, match='--train_images'):
         stream_gap.main([*flags, '--train_images', '0'])
+
+
+def test_step_profile_reports_each_row_and_its_busiest_operators(tmp_path):
+    report_file = tmp_path / 'profile.md'
+    step_profile.main(['--arch', 'resnet18', '--img_h', '48', '--img_w', '24', '--batch', '2', '--warmup', '1',
+                       '--steps', '1', '--methods', 'mmgl', '--precisions', 'fp32,amp', '--top', '3',
+                       '--out', str(report_file)])
+    report = report_file.read_text()
+    rows = [line.split(' | ') for line in report.splitlines() if line.startswith('| MMGL')]
+    assert [row[1].split(' ')[0] for row in rows] == ['fp32', 'amp'] and all(float(row[2]) > 0 for row in rows)
+    assert report.count('the 3 operators with the most self_cpu_time_total') == 2 and 'aten::' in report
+    with pytest.raises(utils.UserError, match="--precisions: unknown 'bf16'"):
+        step_profile.main(['--precisions', 'bf16'])
