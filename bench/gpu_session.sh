@@ -10,17 +10,17 @@
 #               and `default+fast` (--amp --channels_last --augment device) side by side      335 s
 #   onestream   `default+onestream+fast` (--stream one) alone on the card, then test.py on its weights
 #               of every 10th epoch at once (the held-out curve) and bench/stream_gap.py on the last
-#               (training vs held-out identities, stems' batch norm as saved vs per modality)  410 s + 40 s
+#               (training vs held-out identities, stems' batch norm as saved vs per modality)  380 s + 60 s
 #   compile     only the --compile rows of bench/throughput.py (reduce-overhead: CUDA graphs,
-#               then torch's default mode; MMGL first)                                         130 s
+#               then torch's default mode; MMGL first)                                         120 s
 #   batches     the MMGL step and whole epochs at 64+64 and 128+128 images, amp + channels_last with
-#               and without --compile reduce-overhead (is 5,000 images/s a matter of batch size?) 150 s
+#               and without --compile reduce-overhead (is 5,000 images/s a matter of batch size?) 120 s
 #   profile     bench/step_profile.py: how busy the GPU is in the MMGL and AGW steps (fp32, amp +
-#               channels_last) and their costliest operators                                    60 s
+#               channels_last) and their costliest operators                                    45 s
 # The NVIDIA H200 session of 2026-11-26 ran `throughput pair` (and a 150 s onestream run); what is
-# left takes two calls on one warm machine (about 7.5 and 6 minutes):
+# left takes two calls on one warm machine (about 8 and 5 minutes; with the start, some 14.5 of the 15):
 #   bash bench/gpu_session.sh                        # default: onestream
-#   bash bench/gpu_session.sh profile compile batches
+#   bash bench/gpu_session.sh compile batches profile
 #   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48
 # Stage lengths can be changed with THROUGHPUT_S, PAIR_S, ONESTREAM_S, COMPILE_S, BATCHES_S and PROFILE_S
 # (seconds); give the device call a limit above their sum plus a minute, or the summary is lost.
@@ -103,14 +103,14 @@ for stage in "${stages[@]}"; do
   case $stage in
     throughput) throughput throughput "${THROUGHPUT_S:-170}" ;;
     pair) study "${PAIR_S:-335}" default & study "${PAIR_S:-335}" default+fast & wait ;;
-    onestream) study "${ONESTREAM_S:-410}" default+onestream+fast; judge_curve default+onestream+fast ;;
-    compile) throughput compile "${COMPILE_S:-130}" --compiled_only \
+    onestream) study "${ONESTREAM_S:-380}" default+onestream+fast; judge_curve default+onestream+fast ;;
+    compile) throughput compile "${COMPILE_S:-120}" --compiled_only \
                --precisions 'amp + channels_last + compile reduce-overhead,amp + channels_last + compile' ;;
-    batches) throughput batches "${BATCHES_S:-150}" --methods mmgl --batch "$larger_batches" \
+    batches) throughput batches "${BATCHES_S:-120}" --methods mmgl --batch "$larger_batches" \
                --precisions 'amp + channels_last,amp + channels_last + compile reduce-overhead' \
                --epoch_flags='--amp --channels_last --augment device' \
                --epoch_flags='--amp --channels_last --augment device --compile reduce-overhead' ;;
-    profile) timeout "${PROFILE_S:-60}" python bench/step_profile.py "${size[@]}" "${profile_flags[@]}" \
+    profile) timeout "${PROFILE_S:-45}" python bench/step_profile.py "${size[@]}" "${profile_flags[@]}" \
                --out "$work/profile.md" > "$work/profile.log" 2>&1 ;;
     *) echo "unknown stage $stage: choose from throughput pair onestream compile batches profile"; exit 1 ;;
   esac
