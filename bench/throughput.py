@@ -4,12 +4,14 @@ of whole train.py epochs with the loader (and with the augmentation on the devic
 
     python bench/throughput.py                                       # GPU: 288x144, batch 32+32
     python bench/throughput.py --methods mmgl --batch 32,64,128      # MMGL at larger batches
+    python bench/throughput.py --loader_only --workers 2             # can the loader keep up?
     python bench/throughput.py --img_h 96 --img_w 48 --batch 8 --arch resnet18 --epoch_steps 10   # CPU
 
 The step figures time the scripts' own steps (train.make_step, AGW's make_step, DDAG's DDAGLoss)
 with engine.Precision on random images already on the device: forward, losses, backward and the
 optimiser step, --steps timed after --warmup; on a GPU one more step runs under CUDA's
-synchronisation debug mode, which counts the times the host waits for the GPU. The epoch figures run train.main on the synthetic set
+synchronisation debug mode, which counts the times the host waits for the GPU. The loader rows time
+pre-training's loader on its own (no step), with the augmentation in it and without. The epoch figures run train.main on the synthetic set
 (generated on first use), two epochs of --epoch_steps steps, and report the second (the first pays
 for start-up). Prints a Markdown table; --out also writes it to a file.
 """
@@ -18,6 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 import warnings
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from AGW import train as agw_train  # noqa: E402
 from AGW.agw_model import build_net as build_agw  # noqa: E402
 from DDAG import train_ddag  # noqa: E402
 from DDAG.ddag_model import build_net as build_ddag  # noqa: E402
+from data_loader import SYSUData, UnpairedSampler, as_uint8_tensor, prepare_dataset, train_transform  # noqa: E402
 from model import ARCHS, MMGLNet  # noqa: E402
 
 PRECISIONS = {'fp32': dict(amp=False, channels_last=False, compile=None),
@@ -82,6 +86,7 @@ def get_args_parser():
                         help="the train.py flags of one epoch row, in one argument (--epoch_flags='--amp "
                              "--channels_last'; repeat it for more rows); default: every row of EPOCH_FLAGS")
     parser.add_argument('--gpu', default='0')
+    parser.add_argument('--loader_only', action='store_true', help='only the rows of the loader alone')
     parser.add_argument('--compiled_only', action='store_true',
                         help='only the --compile rows (the step rows of the --compile precisions, the compiled epoch)')
     parser.add_argument('--out', default=None, help='also write the table to this file')
@@ -186,6 +191,23 @@ def time_epochs(args, batch, extra_flags):
     return history[-1]['images_per_second']
 
 
+def time_loader(args, batch, augment, device):
+    """images/s (both modalities) that pre-training's loader yields on its own, --epoch_steps batches
+    after the first (which pays for starting the --workers processes): with --augment loader they
+    crop, flip and normalise every image with PIL; with --augment device they only hand over the
+    uint8 arrays, which the device then augments in the step."""
+    data_path = prepare_dataset('synthetic', args.data_path, need_train_arrays=True)
+    trainset = SYSUData(data_path, train_transform(args.img_h, args.img_w) if augment == 'loader' else as_uint8_tensor)
+    sampler = UnpairedSampler(len(trainset.visible_labels), len(trainset.thermal_labels),
+                              (args.epoch_steps + 1) * batch)
+    run = types.SimpleNamespace(args=args, device=device, rank=0, world_size=1)  # what engine.make_loader reads
+    batches = iter(engine.make_loader(run, trainset, sampler, batch))
+    next(batches)
+    start = time.perf_counter()
+    images = sum(len(visible) + len(thermal) for visible, thermal, _, _ in batches)
+    return images / (time.perf_counter() - start)
+
+
 def failure(error):
     """The table cell of a row that failed (its traceback goes to the log)."""
     traceback.print_exc()
@@ -199,15 +221,16 @@ def main(argv=None):
     lines = [f'{card}, torch {torch.__version__}, {args.arch} {args.img_h}x{args.img_w}', '',
              '| training step | images a step | precision | ms/step | images/s | peak GPU memory (GiB) | host waits a step |',
              '|---|---|---|---|---|---|---|']
+    precisions = [] if args.loader_only else args.precisions.split(',')
     # Compiled rows come last in each table: they pay for the compilation, so a run cut short by a
     # time limit has printed every plain row first (the tables keep the PRECISIONS order).
     step_rows, epoch_rows = {}, {}
     networks = networks_and_steps(args, args.methods)
-    epoch_flags = [tuple(flags) for flags in args.epoch_flags] if args.epoch_flags else EPOCH_FLAGS
+    epoch_flags = [tuple(flags) for flags in args.epoch_flags or EPOCH_FLAGS] if not args.loader_only else []
     for compiled in (True,) if args.compiled_only else (False, True):
         for method, (build, step) in networks.items():
             for batch in args.batch:
-                for name in args.precisions.split(','):
+                for name in precisions:
                     options = PRECISIONS[name]
                     if (options['compile'] is not None) != compiled:
                         continue
@@ -221,6 +244,14 @@ def main(argv=None):
                         figures = failure(error) + ' | | |'
                     step_rows[method, batch, name] = f'| {method} | {batch}+{batch} | {name} ({precision}) | {figures} |'
                     print(step_rows[method, batch, name], flush=True)
+        for batch in args.batch if args.epoch_steps and 'mmgl' in args.methods and not compiled else ():
+            for augment in ('loader', 'device'):
+                try:
+                    figure = f'{time_loader(args, batch, augment, device):.0f}'
+                except Exception as error:
+                    figure = failure(error)
+                epoch_rows[batch, augment] = f'| the loader alone, --augment {augment} | {batch}+{batch} | {figure} |'
+                print(epoch_rows[batch, augment], flush=True)
         for batch in args.batch if args.epoch_steps and 'mmgl' in args.methods else ():
             for flags in epoch_flags:
                 if ('--compile' in flags) == compiled:
@@ -230,13 +261,16 @@ def main(argv=None):
                         figure = failure(error)
                     epoch_rows[batch, flags] = f'| {" ".join(flags) or "defaults"} | {batch}+{batch} | {figure} |'
                     print(epoch_rows[batch, flags], flush=True)
+    if not step_rows:
+        lines = lines[:1]
     lines += [step_rows[key] for key in sorted(step_rows, key=lambda key: (
         list(networks).index(key[0]), key[1], list(PRECISIONS).index(key[2])))]
     if epoch_rows:
-        lines += ['', f'| whole train.py epoch of {args.epoch_steps} steps (--pcc --part) | images a step | images/s |',
+        lines += ['', f'| whole train.py epoch of {args.epoch_steps} steps (--pcc --part), or its loader alone '
+                      '| images a step | images/s |',
                   '|---|---|---|',
-                  *(epoch_rows[batch, flags] for batch in args.batch for flags in epoch_flags
-                    if (batch, flags) in epoch_rows)]
+                  *(epoch_rows[batch, row] for batch in args.batch for row in ('loader', 'device', *epoch_flags)
+                    if (batch, row) in epoch_rows)]
     table = '\n'.join(lines)
     print('\n' + table)
     if args.out:

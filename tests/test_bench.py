@@ -60,6 +60,10 @@ def test_throughput_times_each_method_at_each_batch_and_refuses_unknown_methods(
     assert all(float(row.split(' | ')[3]) > 0 for row in rows)  # ms/step
     epoch_rows = [line.split(' | ') for line in lines if line.startswith('| --augment device')]
     assert [row[1] for row in epoch_rows] == ['2+2', '3+3'] and all(float(row[2][:-2]) > 0 for row in epoch_rows)
+    loader_rows = [line.split(' | ') for line in lines if line.startswith('| the loader alone')]
+    assert [(row[0][-6:], row[1]) for row in loader_rows] == [('loader', '2+2'), ('device', '2+2'),
+                                                            ('loader', '3+3'), ('device', '3+3')]
+    assert all(float(row[2][:-2]) > 0 for row in loader_rows)
     with pytest.raises(utils.UserError, match='--methods: unknown agv'):
         throughput.main(['--methods', 'mmgl,agv'])
 
