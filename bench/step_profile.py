@@ -71,7 +71,8 @@ def main(argv=None):
     card = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     lines = [f'{card}, torch {torch.__version__}, {args.arch} {args.img_h}x{args.img_w}, {args.batch}+{args.batch} '
              f'images a step, {args.steps} steps timed and {args.steps} profiled', '',
-             '| training step | precision | ms/step | GPU ms/step (kernels and copies) | GPU busy | GPU operations a step |',
+             '| training step | precision | ms/step | GPU ms/step (kernels and copies) | GPU busy '
+             '| GPU operations a step |',
              '|---|---|---|---|---|---|']
     sort_key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     tops = []

@@ -124,7 +124,8 @@ def statistics_gap(model):
 
 
 def main(argv=None):
-    """Returns {'as saved': {(split, modality): rate}, 'stems per modality': {...}, 'statistics gap': (saved, re-estimated)}."""
+    """Returns {'as saved': {(split, modality): rate}, 'stems per modality': {...},
+    'statistics gap': (as saved, re-estimated)}."""
     args = get_args_parser().parse_args(argv)
     if args.train_images < 1:
         raise utils.UserError(f'--train_images must be at least 1, got {args.train_images}.')
@@ -132,7 +133,8 @@ def main(argv=None):
     data_path = prepare_dataset(args.dataset, args.data_path, need_train_arrays=args.dataset != 'regdb')
     model = mmgl_test.load_model(args, device)  # two stems, equal when the checkpoint is one-stream
     transform = test_transform(args.img_h, args.img_w)
-    splits = {'training': training_images(args, data_path, transform), 'held-out': test_images(args, data_path, transform)}
+    splits = {'training': training_images(args, data_path, transform),
+              'held-out': test_images(args, data_path, transform)}
 
     def rates():
         return {(split, MODALITIES[modal]): exact_rate(model, images, modal, args, device)

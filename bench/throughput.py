@@ -11,9 +11,9 @@ The step figures time the scripts' own steps (train.make_step, AGW's make_step, 
 with engine.Precision on random images already on the device: forward, losses, backward and the
 optimiser step, --steps timed after --warmup; on a GPU one more step runs under CUDA's
 synchronisation debug mode, which counts the times the host waits for the GPU. The loader rows time
-pre-training's loader on its own (no step), with the augmentation in it and without. The epoch figures run train.main on the synthetic set
-(generated on first use), two epochs of --epoch_steps steps, and report the second (the first pays
-for start-up). Prints a Markdown table; --out also writes it to a file.
+pre-training's loader on its own (no step), with the augmentation in it and without. The epoch
+figures run train.main on the synthetic set (generated on first use), two epochs of --epoch_steps
+steps, and report the second (the first pays for start-up). Prints a Markdown table; --out also writes it to a file.
 """
 import argparse
 import sys
@@ -80,7 +80,8 @@ def get_args_parser():
     parser.add_argument('--epoch_steps', default=50, type=int, help='steps of each timed train.py epoch (0: skip)')
     parser.add_argument('--workers', default=8, type=int, help='loader processes of the train.py epochs')
     parser.add_argument('--data_path', default=None,
-                        help='the synthetic set of the train.py epochs (default: data/synthetic, generated on first use)')
+                        help='the synthetic set of the epoch and loader rows (default: data/synthetic, generated '
+                             'on first use)')
     parser.add_argument('--precisions', default=','.join(PRECISIONS))
     parser.add_argument('--epoch_flags', action='append', type=str.split,
                         help="the train.py flags of one epoch row, in one argument (--epoch_flags='--amp "
@@ -183,8 +184,8 @@ def time_epochs(args, batch, extra_flags):
     the synthetic set."""
     with tempfile.TemporaryDirectory() as folder:
         data = ['--data_path', args.data_path] if args.data_path else []
-        flags = ['--dataset', 'synthetic', *data, '--arch', args.arch, '--img_h', str(args.img_h), '--img_w', str(args.img_w),
-                 '--batch-size', str(batch), '--pcc', '--part', '--epochs', '2',
+        flags = ['--dataset', 'synthetic', *data, '--arch', args.arch, '--img_h', str(args.img_h),
+                 '--img_w', str(args.img_w), '--batch-size', str(batch), '--pcc', '--part', '--epochs', '2',
                  '--steps_per_epoch', str(args.epoch_steps), '--workers', str(args.workers), '--gpu', args.gpu,
                  '--model_path', folder, '--log_path', folder, '--vis_log_path', folder, *extra_flags]
         history = mmgl_train.main(flags)
@@ -219,7 +220,8 @@ def main(argv=None):
     device = utils.select_device(args.gpu)
     card = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     lines = [f'{card}, torch {torch.__version__}, {args.arch} {args.img_h}x{args.img_w}', '',
-             '| training step | images a step | precision | ms/step | images/s | peak GPU memory (GiB) | host waits a step |',
+             '| training step | images a step | precision | ms/step | images/s | peak GPU memory (GiB) '
+             '| host waits a step |',
              '|---|---|---|---|---|---|---|']
     precisions = [] if args.loader_only else args.precisions.split(',')
     # Compiled rows come last in each table: they pay for the compilation, so a run cut short by a
@@ -242,8 +244,9 @@ def main(argv=None):
                                    f'{"-" if peak is None else f"{peak:.2f}"} | {"-" if waits is None else waits}')
                     except Exception as error:  # a failed row stays in the table
                         figures = failure(error) + ' | | |'
-                    step_rows[method, batch, name] = f'| {method} | {batch}+{batch} | {name} ({precision}) | {figures} |'
-                    print(step_rows[method, batch, name], flush=True)
+                    row = f'| {method} | {batch}+{batch} | {name} ({precision}) | {figures} |'
+                    step_rows[method, batch, name] = row
+                    print(row, flush=True)
         for batch in args.batch if args.epoch_steps and 'mmgl' in args.methods and not compiled else ():
             for augment in ('loader', 'device'):
                 try:

@@ -52,8 +52,9 @@ def test_study_table_keeps_failed_variants(tmp_path):
 def test_throughput_times_each_method_at_each_batch_and_refuses_unknown_methods(tmp_path, sysu_preprocessed):
     table_file = tmp_path / 'throughput.md'
     throughput.main(['--arch', 'resnet18', '--img_h', '48', '--img_w', '24', '--batch', '2,3', '--warmup', '1',
-                     '--steps', '1', '--epoch_steps', '1', '--workers', '0', '--methods', 'mmgl', '--precisions', 'fp32',
-                     '--epoch_flags=--augment device', '--data_path', str(sysu_preprocessed), '--out', str(table_file)])
+                     '--steps', '1', '--epoch_steps', '1', '--workers', '0', '--methods', 'mmgl',
+                     '--precisions', 'fp32', '--epoch_flags=--augment device', '--data_path', str(sysu_preprocessed),
+                     '--out', str(table_file)])
     lines = table_file.read_text().splitlines()
     rows = [line for line in lines if line.startswith('| MMGL')]
     assert [row.split(' | ')[1] for row in rows] == ['2+2', '3+3']
