@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from study_tools import publish  # noqa: E402
 from throughput import METHODS, PRECISIONS, milliseconds_per_step, networks_and_steps, step_runner  # noqa: E402
 import engine  # noqa: E402  (throughput puts the repository on the path)
 import utils  # noqa: E402
@@ -90,11 +91,7 @@ def main(argv=None):
             print(lines[-1], flush=True)
             tops += ['', f'{method}, {name}: the {args.top} operators with the most {sort_key} over {args.steps} steps',
                      '```', profiled.key_averages().table(sort_by=sort_key, row_limit=args.top), '```']
-    report = '\n'.join(lines + tops)
-    print('\n' + report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report + '\n')
+    publish('\n'.join(lines + tops), args.out)
 
 
 if __name__ == '__main__':

@@ -33,6 +33,7 @@ from data_loader import RegDBData, SYSUData, prepare_dataset, test_transform  # 
 from data_manager import (INFRARED_CAMERAS, VISIBLE_CAMERAS, list_sysu_images, process_test_regdb,  # noqa: E402
                           read_image, read_split_ids)
 from loss import permutation_accuracy, random_permutations, shuffle_stripes  # noqa: E402
+from study_tools import publish  # noqa: E402
 
 MODALITIES = {1: 'visible', 2: 'infrared'}  # the `modal` numbers of the networks
 
@@ -96,8 +97,13 @@ def exact_rate(model, images, modal, args, device):
     return hits / len(images)
 
 
+def stem_of(model, modal):
+    """The ModalityStem that runs the images of `modal` (1 visible, 2 infrared)."""
+    return model.visible_module if modal == 1 else model.thermal_module
+
+
 def stem_norm(model, modal):
-    stem = model.visible_module if modal == 1 else model.thermal_module
+    stem = stem_of(model, modal)
     return getattr(stem, stem.modality).bn1
 
 
@@ -106,8 +112,7 @@ def reestimate_stem_statistics(model, images, args, device):
     """Each stem's batch norm re-estimated (cumulative average) on its own modality's shuffled images,
     in place; the rest of the network keeps its statistics."""
     for modal, modal_images in images.items():
-        stem = model.visible_module if modal == 1 else model.thermal_module
-        norm = stem_norm(model, modal)
+        stem, norm = stem_of(model, modal), stem_norm(model, modal)
         norm.reset_running_stats()
         norm.momentum = None  # a plain average over the batches
         norm.train()
@@ -155,11 +160,7 @@ def main(argv=None):
     for row, gap in (('as saved', saved_gap), ('stems per modality', results['statistics gap'][1])):
         lines.append(f'| {row} | ' + ' | '.join(f'{100 * results[row][column]:.1f}%' for column in columns)
                      + f' | {gap:.2f} |')
-    table = '\n'.join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table + '\n')
+    publish('\n'.join(lines), args.out)
     return results
 
 

@@ -51,6 +51,14 @@ def run_variants(run, names, args, order, summary):
     return [done[name] for name in names]
 
 
+def publish(report, out=None):
+    """Print a Markdown report and, with `out`, also write it to that file (its folder made)."""
+    print('\n' + report)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(report + '\n')
+
+
 def device_label(args):
     """Where the runs went, for a table's setting line."""
     import torch

@@ -37,6 +37,7 @@ from DDAG import train_ddag  # noqa: E402
 from DDAG.ddag_model import build_net as build_ddag  # noqa: E402
 from data_loader import SYSUData, UnpairedSampler, as_uint8_tensor, prepare_dataset, train_transform  # noqa: E402
 from model import ARCHS, MMGLNet  # noqa: E402
+from study_tools import publish  # noqa: E402
 
 PRECISIONS = {'fp32': dict(amp=False, channels_last=False, compile=None),
               'amp': dict(amp=True, channels_last=False, compile=None),
@@ -209,6 +210,17 @@ def time_loader(args, batch, augment, device):
     return images / (time.perf_counter() - start)
 
 
+def images_per_second_row(label, batch, measure):
+    """A table row of the images/s that measure() returns (a failure stays in the table), printed as it comes."""
+    try:
+        figure = f'{measure():.0f}'
+    except Exception as error:
+        figure = failure(error)
+    row = f'| {label} | {batch}+{batch} | {figure} |'
+    print(row, flush=True)
+    return row
+
+
 def failure(error):
     """The table cell of a row that failed (its traceback goes to the log)."""
     traceback.print_exc()
@@ -249,21 +261,13 @@ def main(argv=None):
                     print(row, flush=True)
         for batch in args.batch if args.epoch_steps and 'mmgl' in args.methods and not compiled else ():
             for augment in ('loader', 'device'):
-                try:
-                    figure = f'{time_loader(args, batch, augment, device):.0f}'
-                except Exception as error:
-                    figure = failure(error)
-                epoch_rows[batch, augment] = f'| the loader alone, --augment {augment} | {batch}+{batch} | {figure} |'
-                print(epoch_rows[batch, augment], flush=True)
+                epoch_rows[batch, augment] = images_per_second_row(
+                    f'the loader alone, --augment {augment}', batch, lambda: time_loader(args, batch, augment, device))
         for batch in args.batch if args.epoch_steps and 'mmgl' in args.methods else ():
             for flags in epoch_flags:
                 if ('--compile' in flags) == compiled:
-                    try:
-                        figure = f'{time_epochs(args, batch, list(flags)):.0f}'
-                    except Exception as error:
-                        figure = failure(error)
-                    epoch_rows[batch, flags] = f'| {" ".join(flags) or "defaults"} | {batch}+{batch} | {figure} |'
-                    print(epoch_rows[batch, flags], flush=True)
+                    epoch_rows[batch, flags] = images_per_second_row(
+                        ' '.join(flags) or 'defaults', batch, lambda: time_epochs(args, batch, list(flags)))
     if not step_rows:
         lines = lines[:1]
     lines += [step_rows[key] for key in sorted(step_rows, key=lambda key: (
@@ -274,11 +278,7 @@ def main(argv=None):
                   '|---|---|---|',
                   *(epoch_rows[batch, row] for batch in args.batch for row in ('loader', 'device', *epoch_flags)
                     if (batch, row) in epoch_rows)]
-    table = '\n'.join(lines)
-    print('\n' + table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table + '\n')
+    publish('\n'.join(lines), args.out)
 
 
 if __name__ == '__main__':
