@@ -17,10 +17,9 @@
 #               and without --compile reduce-overhead (is 5,000 images/s a matter of batch size?) 120 s
 #   profile     bench/step_profile.py: how busy the GPU is in the MMGL and AGW steps (fp32, amp +
 #               channels_last) and their costliest operators                                    45 s
-# The NVIDIA H200 session of 2026-11-26 ran `throughput pair` (and a 150 s onestream run); what is
-# left takes two calls on one warm machine (about 8 and 5 minutes; with the start, some 14.5 of the 15):
-#   bash bench/gpu_session.sh                        # default: onestream
-#   bash bench/gpu_session.sh compile batches profile
+# NVIDIA H200 sessions of 2026-11-26 ran `throughput pair` and `onestream` (before and after the one-stream
+# stem fix: README, Full size on a GPU); what is left is one call of about 5 minutes:
+#   bash bench/gpu_session.sh                        # default: compile batches profile
 #   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48
 # Stage lengths can be changed with THROUGHPUT_S, PAIR_S, ONESTREAM_S, COMPILE_S, BATCHES_S and PROFILE_S
 # (seconds); give the device call a limit above their sum plus a minute, or the summary is lost.
@@ -34,7 +33,7 @@
 # the call's carry).
 set -uo pipefail
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(onestream)
+[ ${#stages[@]} -eq 0 ] && stages=(compile batches profile)
 out=${OUT:-gpu_out}
 work=${WORK:-/tmp/gpu_session}
 mkdir -p "$out" "$work"
