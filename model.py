@@ -82,7 +82,8 @@ class TwoStreamBackbone(nn.Module):
 
     stream='two': separate visible and thermal stems (the AGW design).
     stream='one': one stem for both modalities, registered under both names so the state dict
-    carries `visible_module.*` and `thermal_module.*` (the same tensors) and loads anywhere.
+    carries `visible_module.*` and `thermal_module.*` (the same tensors) and loads anywhere; it runs
+    on both batches at once, so its batch norm trains on the statistics it keeps for evaluation.
     Subclasses (the MMGL, AGW and DDAG networks) add their heads next to these modules, which
     keeps every key at the top level as in the public networks.
     """
