@@ -3,8 +3,8 @@
 # one H100/H200; each stage runs under `timeout`, and a training run stopped by it keeps its last saved
 # weights (every 5 epochs), which test.py judges on the held-out identities.
 #   throughput  bench/throughput.py at full size (ResNet-50, 288x144, batch 32+32), alone on the card:
-#               the three training steps in fp32, --amp, --channels_last, whole train.py epochs, then
-#               the --compile rows (last: they pay for compilation)                        170 s
+#               the three training steps in fp32, --amp, --amp --channels_last, and whole train.py
+#               epochs (the --compile rows are the compile stage's)                        150 s
 #   pair        the paper's command (--pcc --part, SGD lr 0.1, 100 epochs x 100 steps = the 10,000
 #               steps of #9's target) as pretext-study variants `default` (fp32, loader augmentation)
 #               and `default+fast` (--amp --channels_last --augment device) side by side      335 s
@@ -18,8 +18,9 @@
 #   profile     bench/step_profile.py: how busy the GPU is in the MMGL and AGW steps (fp32, amp +
 #               channels_last) and their costliest operators                                    45 s
 # NVIDIA H200 sessions of 2026-11-26 ran `throughput pair` and `onestream` (before and after the one-stream
-# stem fix: README, Full size on a GPU); what is left is one call of about 5 minutes:
-#   bash bench/gpu_session.sh                        # default: compile batches profile
+# stem fix: README, Full size on a GPU); what is left is one call of about 8 minutes (the throughput
+# rows again, as they were measured before the host-wait fix):
+#   bash bench/gpu_session.sh                        # default: throughput compile batches profile
 #   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48
 # Stage lengths can be changed with THROUGHPUT_S, PAIR_S, ONESTREAM_S, COMPILE_S, BATCHES_S and PROFILE_S
 # (seconds); give the device call a limit above their sum plus a minute, or the summary is lost.
@@ -33,7 +34,7 @@
 # the call's carry).
 set -uo pipefail
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(compile batches profile)
+[ ${#stages[@]} -eq 0 ] && stages=(throughput compile batches profile)
 out=${OUT:-gpu_out}
 work=${WORK:-/tmp/gpu_session}
 mkdir -p "$out" "$work"
@@ -100,7 +101,9 @@ judge_curve() {  # pretext-study variant: test.py on its weights of every 10th e
 
 for stage in "${stages[@]}"; do
   case $stage in
-    throughput) throughput throughput "${THROUGHPUT_S:-170}" ;;
+    throughput) throughput throughput "${THROUGHPUT_S:-150}" --precisions 'fp32,amp,amp + channels_last' \
+                  --epoch_flags= --epoch_flags='--augment device' --epoch_flags='--amp --channels_last' \
+                  --epoch_flags='--amp --channels_last --augment device' ;;
     pair) study "${PAIR_S:-335}" default & study "${PAIR_S:-335}" default+fast & wait ;;
     onestream) study "${ONESTREAM_S:-380}" default+onestream+fast; judge_curve default+onestream+fast ;;
     compile) throughput compile "${COMPILE_S:-120}" --compiled_only \
