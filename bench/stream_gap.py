@@ -1,12 +1,14 @@
 """Where a pre-training checkpoint loses permutations: on unseen identities, or in the batch-norm
 statistics of its stems.
 
-A one-stream network runs one stem over both modalities. In training, the step calls it on the
-visible and on the infrared batch apart, so each modality is normalised with its own batch
-statistics, while the running statistics it keeps, which test.py's evaluation uses, average the
-two. If that mismatch is what costs held-out permutations, re-estimating each stem's batch norm on
-its own modality's training images recovers them; if the loss is on unseen identities, it is also
-there with those statistics, and the training identities (judged the same way) stay ahead.
+A one-stream network runs one stem over both modalities. Until commit cfd8882 the training step
+called it on the visible and on the infrared batch apart, so each modality was normalised with its
+own batch statistics, while the running statistics it kept, which test.py's evaluation uses,
+average the two. If such a mismatch is what costs held-out permutations, re-estimating each stem's
+batch norm on its own modality's training images recovers them (it did, for the full-size run in
+the README); if the loss is on unseen identities, it is also there with those statistics, and the
+training identities (judged the same way) stay ahead. The stem now sees both batches at once, so
+for new checkpoints the saved statistics are the ones it trained on.
 
 Prints, per modality, the exact-match rate of permutation recovery on training images and on the
 held-out test images, for the checkpoint as saved (test.py's judge) and with each stem's batch norm
