@@ -10,7 +10,9 @@ of whole train.py epochs with the loader (and with the augmentation on the devic
 The step figures time the scripts' own steps (train.make_step, AGW's make_step, DDAG's DDAGLoss)
 with engine.Precision on random images already on the device: forward, losses, backward and the
 optimiser step, --steps timed after --warmup; on a GPU one more step runs under CUDA's
-synchronisation debug mode, which counts the times the host waits for the GPU. The loader rows time
+synchronisation debug mode, which counts the times the host waits for the GPU. TFLOP/s is the
+step's convolution and matrix-product arithmetic (torch.utils.flop_counter, forward and backward;
+batch norm and elementwise work uncounted) over its time, to hold against the card's peak. The loader rows time
 pre-training's loader on its own (no step), with the augmentation in it and without. The epoch
 figures run train.main on the synthetic set (generated on first use), two epochs of --epoch_steps
 steps, and report the second (the first pays for start-up). Prints a Markdown table; --out also writes it to a file.
@@ -25,6 +27,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -160,6 +163,17 @@ def milliseconds_per_step(one_step, steps, device):
     return 1000 * (time.perf_counter() - start) / steps
 
 
+def gflop_per_image(build, step, batch, args, device):
+    """GFLOP per image of a method's training step on batch + batch images: its convolutions and
+    matrix products, forward and backward, as torch.utils.flop_counter counts them (in float32)."""
+    model, _, (visible, thermal, labels) = training_setup(build, batch, args.img_h, args.img_w, device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _ = step(model, visible, thermal, labels, epoch=20)
+        loss.backward()
+    return counter.get_total_flops() / (2 * batch) / 1e9
+
+
 def time_step(build, step, precision, channels_last, compile_mode, batch, args, device):
     """(ms per step, peak GPU memory in GiB or None, host waits in a step or None) of one method's training
     step (step_runner's). The memory and the waits are measured on GPUs only."""
@@ -232,13 +246,13 @@ def main(argv=None):
     device = utils.select_device(args.gpu)
     card = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     lines = [f'{card}, torch {torch.__version__}, {args.arch} {args.img_h}x{args.img_w}', '',
-             '| training step | images a step | precision | ms/step | images/s | peak GPU memory (GiB) '
+             '| training step | images a step | precision | ms/step | images/s | TFLOP/s | peak GPU memory (GiB) '
              '| host waits a step |',
-             '|---|---|---|---|---|---|---|']
+             '|---|---|---|---|---|---|---|---|']
     precisions = [] if args.loader_only else args.precisions.split(',')
     # Compiled rows come last in each table: they pay for the compilation, so a run cut short by a
     # time limit has printed every plain row first (the tables keep the PRECISIONS order).
-    step_rows, epoch_rows = {}, {}
+    step_rows, epoch_rows, gflops = {}, {}, {}
     networks = networks_and_steps(args, args.methods)
     epoch_flags = [tuple(flags) for flags in args.epoch_flags or EPOCH_FLAGS] if not args.loader_only else []
     for compiled in (True,) if args.compiled_only else (False, True):
@@ -250,12 +264,16 @@ def main(argv=None):
                         continue
                     precision = engine.Precision(options['amp'], device)
                     try:
+                        if (method, batch) not in gflops:
+                            gflops[method, batch] = gflop_per_image(build, step, batch, args, device)
                         milliseconds, peak, waits = time_step(build, step, precision, options['channels_last'],
                                                               options['compile'], batch, args, device)
-                        figures = (f'{milliseconds:.1f} | {2 * batch * 1000 / milliseconds:.0f} | '
+                        images_per_second = 2 * batch * 1000 / milliseconds
+                        figures = (f'{milliseconds:.1f} | {images_per_second:.0f} | '
+                                   f'{gflops[method, batch] * images_per_second / 1000:.3g} | '
                                    f'{"-" if peak is None else f"{peak:.2f}"} | {"-" if waits is None else waits}')
                     except Exception as error:  # a failed row stays in the table
-                        figures = failure(error) + ' | | |'
+                        figures = failure(error) + ' | | | |'
                     row = f'| {method} | {batch}+{batch} | {name} ({precision}) | {figures} |'
                     step_rows[method, batch, name] = row
                     print(row, flush=True)
@@ -272,6 +290,9 @@ def main(argv=None):
         lines = lines[:1]
     lines += [step_rows[key] for key in sorted(step_rows, key=lambda key: (
         list(networks).index(key[0]), key[1], list(PRECISIONS).index(key[2])))]
+    if gflops:
+        lines += ['', 'GFLOP per training image (convolutions and matrix products, forward and backward): ' +
+                  ', '.join(f'{method} {gflop:.1f} at {batch}+{batch}' for (method, batch), gflop in gflops.items())]
     if epoch_rows:
         lines += ['', f'| whole train.py epoch of {args.epoch_steps} steps (--pcc --part), or its loader alone '
                       '| images a step | images/s |',

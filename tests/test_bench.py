@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import utils
 from utils import REPO_ROOT
@@ -59,6 +60,7 @@ def test_throughput_times_each_method_at_each_batch_and_refuses_unknown_methods(
     rows = [line for line in lines if line.startswith('| MMGL')]
     assert [row.split(' | ')[1] for row in rows] == ['2+2', '3+3']
     assert all(float(row.split(' | ')[3]) > 0 for row in rows)  # ms/step
+    assert all(float(row.split(' | ')[5]) > 0 for row in rows)  # TFLOP/s
     epoch_rows = [line.split(' | ') for line in lines if line.startswith('| --augment device')]
     assert [row[1] for row in epoch_rows] == ['2+2', '3+3'] and all(float(row[2][:-2]) > 0 for row in epoch_rows)
     loader_rows = [line.split(' | ') for line in lines if line.startswith('| the loader alone')]
@@ -67,6 +69,18 @@ def test_throughput_times_each_method_at_each_batch_and_refuses_unknown_methods(
     assert all(float(row[2][:-2]) > 0 for row in loader_rows)
     with pytest.raises(utils.UserError, match='--methods: unknown agv'):
         throughput.main(['--methods', 'mmgl,agv'])
+
+
+def test_flops_per_image_count_the_backward_pass_and_not_the_batch():
+    args = throughput.get_args_parser().parse_args(['--arch', 'resnet18', '--img_h', '48', '--img_w', '24'])
+    (build, step), = throughput.networks_and_steps(args, ['mmgl']).values()
+    per_image = [throughput.gflop_per_image(build, step, batch, args, torch.device('cpu')) for batch in (2, 3)]
+    assert per_image[0] == pytest.approx(per_image[1], rel=0.01)
+    network = build().eval()
+    with FlopCounterMode(display=False) as forward:
+        network.feature_map(torch.randn(1, 3, 48, 24), torch.randn(1, 3, 48, 24))
+    backbone_forward = forward.get_total_flops() / 2 / 1e9
+    assert 2.5 * backbone_forward < per_image[0] < 3.5 * backbone_forward  # backward about twice the forward
 
 
 def test_stream_gap_reestimates_each_stem_on_its_own_modality(tmp_path, sysu_preprocessed):
