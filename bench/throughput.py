@@ -12,8 +12,9 @@ with engine.Precision on random images already on the device: forward, losses, b
 optimiser step, --steps timed after --warmup; on a GPU one more step runs under CUDA's
 synchronisation debug mode, which counts the times the host waits for the GPU. TFLOP/s is the
 step's convolution and matrix-product arithmetic (torch.utils.flop_counter, forward and backward;
-batch norm and elementwise work uncounted) over its time, to hold against the card's peak. The loader rows time
-pre-training's loader on its own (no step), with the augmentation in it and without. The epoch
+batch norm and elementwise work uncounted) over its time, to hold against the card's peak. The
+loader rows time pre-training's loader on its own (no step), with the augmentation in it and
+without. The epoch
 figures run train.main on the synthetic set (generated on first use), two epochs of --epoch_steps
 steps, and report the second (the first pays for start-up). Prints a Markdown table; --out also writes it to a file.
 """
