@@ -106,10 +106,9 @@ class TwoStreamBackbone(nn.Module):
         if modal == 2:
             return self.thermal_module(x_thermal)
         if self.stream == 'one':
-            # One stem sees both modalities as one batch, so its batch norm trains on the mixed statistics
-            # it keeps for evaluation. Run on each modality apart, it trained on per-modality statistics
-            # and judged infrared images with mixed ones: at 288x144 (H200) held-out infrared exact 29.9%
-            # as saved, 99.3% re-estimated on infrared (bench/results/gpu_h200_onestream_stem_per_modality).
+            # Run on each modality apart, the stem trained on statistics evaluation never uses: held-out
+            # infrared exact 29.9% at 288x144, 99.3% with them re-estimated on infrared
+            # (bench/results/gpu_h200_onestream_stem_per_modality).
             return self.visible_module(torch.cat((x_visible, x_thermal), 0))
         return torch.cat((self.visible_module(x_visible), self.thermal_module(x_thermal)), 0)
 
