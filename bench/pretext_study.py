@@ -11,13 +11,17 @@ The folder --out receives:
 
     python bench/pretext_study.py --out study/cpu --arch resnet18 --img_h 48 --img_w 24 --epochs 10 \\
         --steps_per_epoch 60 --jobs 2
+
+With --seeds 0,1,2 the study runs once per seed into <out>/seed<N>/ (each folder as above), and
+<out>/seeds.md and seeds.png say how far the variants differ beyond the spread between seeds: each
+variant's figures over the seeds, and its difference from the first variant seed by seed.
 """
 import argparse
 import sys
 import time
 from pathlib import Path
 
-from study_tools import device_label, quietly, run_variants
+from study_tools import device_label, over_seeds, plot_seeds, quietly, run_variants, write_seed_table
 
 # The paper's command, with the paper's choices where train.py's defaults deviate from it (the
 # global-average head input, PCC's gradient in the backbone); each variant adds or overrides flags.
@@ -78,6 +82,7 @@ def get_args_parser():
     parser.add_argument('--threads', default=1, type=int, help='torch threads of each job')
     parser.add_argument('--workers', default=0, type=int, help='data-loading processes of each job')
     parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--seeds', default=None, help='comma-separated seeds: the study once per seed, and the spread')
     parser.add_argument('--gpu', default='0')
     return parser
 
@@ -175,12 +180,19 @@ def plot_curves(results, path):
     figure.savefig(path, dpi=110)
 
 
+# The seed study's figures (--seeds): the first is also shown seed by seed.
+SEED_FIGURES = {'**test exact** (%)': (lambda result: 100 * result['test']['perm_exact'], 1),
+                'test per-stripe (%)': (lambda result: 100 * result['test']['perm_stripe'], 1),
+                'train exact, last epoch (%)': (lambda result: 100 * result['history'][-1]['perm_exact'], 1)}
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     names = list(VARIANTS) if args.variants == 'all' else [name.strip() for name in args.variants.split(',')]
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         sys.exit(f'error: unknown variant(s) {unknown}: choose from {list(VARIANTS)}')
+    seed_runs = over_seeds(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Data are prepared once, before the workers start (the synthetic set is generated on first use).
@@ -190,14 +202,22 @@ def main(argv=None):
     def summary(result):
         return f'test exact {100 * result["test"]["perm_exact"]:.1f}%, per stripe {100 * result["test"]["perm_stripe"]:.1f}%'
 
-    ordered = run_variants(run_variant, names, args, list(VARIANTS), summary)
     setting = (f'{args.arch}, {args.img_h}x{args.img_w}, batch {args.batch_size}+{args.batch_size}, ' +
                (f'{args.epochs} epochs of {args.steps_per_epoch} steps, ' if args.steps_per_epoch else
-                f'{args.epochs} epochs of one pass over the visible images, ') +
-               f'{args.dataset}, seed {args.seed}, on {device_label(args)}')
-    write_table(ordered, out / 'table.md', setting)
-    plot_curves(ordered, out / 'curves.png')
-    print((out / 'table.md').read_text())
+                f'{args.epochs} epochs of one pass over the visible images, ') + f'{args.dataset}, ')
+    by_seed = {}
+    for seed, seed_args in seed_runs:
+        by_seed[seed] = run_variants(run_variant, names, seed_args, list(VARIANTS), summary)
+        seed_out = Path(seed_args.out)
+        write_table(by_seed[seed], seed_out / 'table.md', setting + f'seed {seed}, on {device_label(args)}')
+        plot_curves(by_seed[seed], seed_out / 'curves.png')
+        print((seed_out / 'table.md').read_text())
+    if args.seeds:
+        write_seed_table(by_seed, out / 'seeds.md', setting + f'seeds {args.seeds}, on {device_label(args)}',
+                         SEED_FIGURES)
+        plot_seeds(by_seed, out / 'seeds.png', 'perm_exact', 'exact permutation accuracy (train)',
+                   SEED_FIGURES['**test exact** (%)'][0], 'test exact on the held-out identities (%)')
+        print((out / 'seeds.md').read_text())
 
 
 if __name__ == '__main__':

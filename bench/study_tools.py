@@ -1,9 +1,11 @@
 """What the study scripts of bench/ share: running named variants side by side in worker processes,
-each with its console output in a file, and keeping their results across invocations.
+each with its console output in a file, and keeping their results across invocations; the table and
+plot of a study run over several seeds.
 
 A study script defines `run(name, args) -> dict` (a module-level function, so that spawned workers
 can import it) and calls run_variants, which trains only the names not yet in results.json.
 """
+import argparse
 import contextlib
 import json
 import sys
@@ -51,6 +53,19 @@ def run_variants(run, names, args, order, summary):
     return [done[name] for name in names]
 
 
+def over_seeds(args):
+    """[(seed, the study's args for it)]: with --seeds (comma-separated), each seed with its results in
+    <args.out>/seed<N>/; without, args.seed with its results in args.out."""
+    if not args.seeds:
+        return [(args.seed, args)]
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(',')]
+    except ValueError:
+        sys.exit(f'error: --seeds {args.seeds!r} is not a comma-separated list of integers such as 0,1,2')
+    return [(seed, argparse.Namespace(**{**vars(args), 'seed': seed, 'out': str(Path(args.out) / f'seed{seed}')}))
+            for seed in seeds]
+
+
 def publish(report, out=None):
     """Print a Markdown report and, with `out`, also write it to that file (its folder made)."""
     print('\n' + report)
@@ -64,3 +79,87 @@ def device_label(args):
     import torch
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {args.threads} thread(s) per job'
     return f'{device}, {args.jobs} job(s) at once'
+
+
+def mean_and_sd(values):
+    """Mean and sample standard deviation of a list of numbers (sd 0 for one number)."""
+    mean = sum(values) / len(values)
+    spread = sum((value - mean) ** 2 for value in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, spread ** 0.5
+
+
+def write_seed_table(by_seed, path, setting, figures):
+    """The spread of a study run once per seed, and how far each variant differs from the first beyond it.
+
+    by_seed: {seed: [one result per variant, in the same order for every seed]} (dicts with a 'name',
+    and an 'error' for a failed run); figures: {column title: (function(result) -> number, decimals)}.
+    One row per variant: its first figure seed by seed, then per figure the mean ± sample sd over the
+    seeds and, after the first variant, its difference from the first variant on the same seeds (mean
+    ± standard error of that mean). Failed runs are named under the table and left out of the figures.
+    """
+    seeds = list(by_seed)
+    names = [result['name'] for result in by_seed[seeds[0]]]
+    runs = {(name, seed): result for seed in seeds for name, result in zip(names, by_seed[seed])}
+    ok = {key: result for key, result in runs.items() if 'error' not in result}
+    (first_title, (first, first_decimals)), reference = next(iter(figures.items())), names[0]
+    lines = [f'Setting: {setting}', '',
+             f'| variant | {first_title}, seed {" / ".join(map(str, seeds))} | '
+             + ' | '.join(f'{title}: mean ± sd (minus {reference}\'s)' for title in figures) + ' |',
+             '|---|---|' + '---|' * len(figures)]
+    for name in names:
+        done = [seed for seed in seeds if (name, seed) in ok]
+        paired = [seed for seed in done if (reference, seed) in ok] if name != reference else []
+        cells = [' / '.join(f'{first(ok[name, seed]):.{first_decimals}f}' if (name, seed) in ok else 'failed'
+                            for seed in seeds)]
+        for figure, decimals in figures.values():
+            if not done:
+                cells.append('-')
+                continue
+            mean, sd = mean_and_sd([figure(ok[name, seed]) for seed in done])
+            cell = f'{mean:.{decimals}f} ± {sd:.{decimals}f}' + (f' (n={len(done)})' if len(done) < len(seeds) else '')
+            if paired:
+                gap, gap_sd = mean_and_sd([figure(ok[name, seed]) - figure(ok[reference, seed]) for seed in paired])
+                cell += f' ({gap:+.{decimals}f} ± {gap_sd / len(paired) ** 0.5:.{decimals}f})'
+            cells.append(cell)
+        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    lines += ['', f'sd: sample standard deviation over the seeds. In brackets: the variant minus {reference} on the '
+              'same seed, mean over the seeds ± its standard error (sd of the differences / sqrt(seeds)).']
+    lines += [f'- {name}, seed {seed} failed: {result["error"]}'
+              for (name, seed), result in runs.items() if 'error' in result]
+    path.write_text('\n'.join(lines) + '\n')
+
+
+def plot_seeds(by_seed, path, curve_key, curve_title, final, final_title):
+    """Left: each variant's history[curve_key] against training steps, the mean over the seeds with the
+    lowest and highest seed as a band; right: final(result), one dot per seed, the mean as a bar."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    seeds = list(by_seed)
+    names = [result['name'] for result in by_seed[seeds[0]]]
+    colours = plt.get_cmap('tab10').colors
+    figure, (curves, dots) = plt.subplots(1, 2, figsize=(14, 5))
+    for index, name in enumerate(names):
+        results = [by_seed[seed][index] for seed in seeds if 'error' not in by_seed[seed][index]]
+        if not results:
+            continue
+        colour = colours[index % 10]
+        length = min(len(result['history']) for result in results)
+        steps = [epoch['steps'] for epoch in results[0]['history'][:length]]
+        values = [[result['history'][epoch][curve_key] for result in results] for epoch in range(length)]
+        curves.plot(steps, [sum(epoch) / len(epoch) for epoch in values], color=colour, label=name)
+        curves.fill_between(steps, [min(epoch) for epoch in values], [max(epoch) for epoch in values],
+                            color=colour, alpha=0.15)
+        finals = [final(result) for result in results]
+        dots.scatter([index] * len(finals), finals, color=colour)
+        dots.hlines(sum(finals) / len(finals), index - 0.25, index + 0.25, color=colour)
+    curves.set_title(f'{curve_title}: mean and range over {len(seeds)} seeds', fontsize=10)
+    curves.set_xlabel('training steps')
+    curves.legend(fontsize=8)
+    dots.set_title(f'{final_title}: one dot per seed', fontsize=10)
+    dots.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
+    for axis in (curves, dots):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)

@@ -1,6 +1,8 @@
 """The scripts in bench/: study variants and tables, the throughput table and step profile, the stream-gap
 diagnosis (no training here; the scripts' runs are measurements)."""
+import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import utils
 from utils import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / 'bench'))
+import finetune_flags_study  # noqa: E402
 import pretext_study  # noqa: E402
 import step_profile  # noqa: E402
 import stream_gap  # noqa: E402
@@ -48,6 +51,66 @@ def test_study_table_keeps_failed_variants(tmp_path):
     assert '| paper |' in table and 'failed: RuntimeError: boom' in table
     pretext_study.plot_curves(results, tmp_path / 'curves.png')
     assert (tmp_path / 'curves.png').stat().st_size > 0
+
+
+def test_seed_study_runs_each_seed_apart_and_tabulates_the_spread_and_the_paired_differences(tmp_path, monkeypatch):
+    test_exact = {('default', 0): 0.30, ('default', 1): 0.40, ('default+amp', 0): 0.20, ('default+amp', 1): 0.40,
+                  ('default+device_augment', 0): 0.35}
+    calls = []
+
+    def fake_run_variants(run, names, args, order, summary):  # what the workers would return, without training
+        calls.append((args.seed, args.out))
+        Path(args.out).mkdir(parents=True)
+        results = []
+        for name in names:
+            if (name, args.seed) not in test_exact:
+                results.append({'name': name, 'flags': pretext_study.variant_flags(name), 'error': 'RuntimeError: boom'})
+                continue
+            epoch = {'steps': 40, 'perm_exact': test_exact[name, args.seed] + 0.1, 'perm_stripe': 0.5, 'pcc_loss': 1.0}
+            results.append({'name': name, 'flags': pretext_study.variant_flags(name), 'history': [epoch],
+                            'test': {'perm_exact': test_exact[name, args.seed], 'perm_stripe': 0.6, 'rank1': 0.1,
+                                     'mAP': 0.2}, 'seconds': 60})
+        return results
+
+    monkeypatch.setattr(pretext_study, 'run_variants', fake_run_variants)
+    monkeypatch.setattr(data_loader, 'prepare_dataset', lambda *arguments, **options: None)  # no data needed
+    pretext_study.main(['--out', str(tmp_path), '--seeds', '0,1', '--variants', 'default,default+amp,default+device_augment'])
+    assert calls == [(0, str(tmp_path / 'seed0')), (1, str(tmp_path / 'seed1'))]
+    assert (tmp_path / 'seed0' / 'table.md').is_file() and (tmp_path / 'seed1' / 'curves.png').is_file()
+    table = (tmp_path / 'seeds.md').read_text()
+    assert '| default | 30.0 / 40.0 | 35.0 ± 7.1 | 60.0 ± 0.0 | 45.0 ± 7.1 |' in table
+    # amp: 10 points lower on seed 0, equal on seed 1: mean -5.0, standard error 7.07 / sqrt(2)
+    assert ('| default+amp | 20.0 / 40.0 | 30.0 ± 14.1 (-5.0 ± 5.0) | 60.0 ± 0.0 (+0.0 ± 0.0) | '
+            '40.0 ± 14.1 (-5.0 ± 5.0) |') in table
+    assert '| default+device_augment | 35.0 / failed | 35.0 ± 0.0 (n=1) (+5.0 ± 0.0) |' in table
+    assert 'default+device_augment, seed 1 failed: RuntimeError: boom' in table
+    assert (tmp_path / 'seeds.png').stat().st_size > 0
+    with pytest.raises(SystemExit, match='--seeds'):
+        pretext_study.main(['--out', str(tmp_path), '--seeds', '0,one'])
+
+
+@pytest.mark.parametrize('method', ['agw', 'ddag'])
+def test_finetune_flags_study_runs_a_variant_and_reads_the_evaluation_of_its_last_epoch(tmp_path, sysu_preprocessed,
+                                                                                         method):
+    args = finetune_flags_study.get_args_parser().parse_args(
+        ['--method', method, '--out', str(tmp_path), '--data_path', str(sysu_preprocessed), '--img_h', '48',
+         '--img_w', '24', '--batch-size', '2', '--epochs', '1'])
+    threads = torch.get_num_threads()
+    try:
+        result = finetune_flags_study.run_variant('amp', args)
+    finally:
+        torch.set_num_threads(threads)  # the worker's setting, not this process's
+    assert 'error' not in result, result.get('error')
+    assert result['flags'] == [*finetune_flags_study.METHODS[method], '--amp', '--channels_last']
+    assert len(result['history']) == 1 and result['history'][0]['loss'] > 0
+    json.dumps(result)  # results.json can hold it
+    # the figures are those the run logged for its selected feature after the last epoch
+    feature = finetune_flags_study.SELECTED[method].upper()
+    logged = [line for line in (tmp_path / 'logs' / 'amp.txt').read_text().splitlines() if f'{feature}:' in line]
+    assert f'mAP: {100 * result["test"]["mAP"]:.2f}%' in logged[-1]
+    assert f'Rank-1: {100 * result["test"]["rank1"]:.2f}%' in logged[-1]
+    with pytest.raises(SystemExit, match='unknown variant'):
+        finetune_flags_study.main(['--method', method, '--out', str(tmp_path), '--variants', 'defaults,fastest'])
 
 
 def test_throughput_times_each_method_at_each_batch_and_refuses_unknown_methods(tmp_path, sysu_preprocessed):

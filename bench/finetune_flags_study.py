@@ -1,0 +1,110 @@
+"""Do the speed flags change what AGW or DDAG fine-tuning learns? One method fine-tuned from random
+weights with the scripts' defaults and with the speed flags, each over several seeds, side by side.
+
+Each variant is a set of flags added to the method's command (AGW: --method agw; DDAG: --wpa --graph).
+The figures of a run are those of its last epoch: the training loss and identity accuracy, and the
+evaluation the script makes after it (gallery draw 0; the feature that picks the best checkpoint:
+FC for AGW, the attention feature for DDAG). With the default synthetic set (12 test identities)
+the training curves are the sharp measurement, the retrieval figures a coarse one.
+
+    python bench/finetune_flags_study.py --method agw --out bench/results/agw_flags --seeds 0,1,2 --jobs 2
+
+The folder --out receives seed<N>/results.json with each run's per-epoch history (and its files in
+seed<N>/<variant>/), seeds.md (the variants over the seeds, and each one's difference from the
+defaults on the same seed) and seeds.png (training loss against steps, final mAP per seed).
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from study_tools import device_label, over_seeds, plot_seeds, quietly, run_variants, write_seed_table
+
+VARIANTS = {
+    'defaults': (),
+    'amp': ('--amp', '--channels_last'),
+    'device_augment': ('--augment', 'device'),
+    'fast': ('--amp', '--channels_last', '--augment', 'device'),
+}
+METHODS = {'agw': ('--method', 'agw'), 'ddag': ('--wpa', '--graph')}
+SELECTED = {'agw': 'fc', 'ddag': 'att'}  # the feature each script picks its best checkpoint by
+FIGURES = {'**mAP** (%)': (lambda result: 100 * result['test']['mAP'], 1),
+           'Rank-1 (%)': (lambda result: 100 * result['test']['rank1'], 1),
+           'train accuracy, last epoch (%)': (lambda result: 100 * result['history'][-1]['accuracy'], 1),
+           'train loss, last epoch': (lambda result: result['history'][-1]['loss'], 3)}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--method', required=True, choices=list(METHODS))
+    parser.add_argument('--out', required=True, help='folder for the results, the table and the plot')
+    parser.add_argument('--variants', default='all', help=f'comma-separated, or all: {", ".join(VARIANTS)}')
+    parser.add_argument('--data_path', default=None, help='a synthetic set (default: the generated one)')
+    parser.add_argument('--arch', default='resnet18')
+    parser.add_argument('--img_h', default=96, type=int)
+    parser.add_argument('--img_w', default=48, type=int)
+    parser.add_argument('--batch-size', default=8, type=int, dest='batch_size', help='identities per batch (x 4 images)')
+    parser.add_argument('--epochs', default=8, type=int)
+    parser.add_argument('--jobs', default=1, type=int, help='runs at once')
+    parser.add_argument('--threads', default=1, type=int, help='torch threads of each run')
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--seeds', default=None, help='comma-separated seeds: the study once per seed')
+    return parser
+
+
+def run_variant(name, args):
+    """Fine-tune one variant from random weights; runs in a worker process.
+    Returns {'name', 'flags', 'history', 'test', 'seconds'} or {'name', 'flags', 'error'}."""
+    import torch
+    if args.method == 'agw':
+        from AGW import train as method_train
+    else:
+        from DDAG import train_ddag as method_train
+
+    torch.set_num_threads(args.threads)
+    folder = Path(args.out) / name
+    flags = [*METHODS[args.method], *VARIANTS[name]]
+    argv = ['--dataset', 'synthetic', '--arch', args.arch, '--img_h', str(args.img_h), '--img_w', str(args.img_w),
+            '--batch-size', str(args.batch_size), '--epochs', str(args.epochs), '--seed', str(args.seed),
+            '--workers', '0', '--model_path', str(folder), '--log_path', str(folder), '--vis_log_path',
+            str(folder / 'vis'), *flags] + (['--data_path', args.data_path] if args.data_path else [])
+    start = time.time()
+    try:
+        history = quietly(Path(args.out) / 'logs' / f'{name}.txt', method_train.main, argv)
+    except (Exception, SystemExit) as error:  # a failed run stays in the table; its log has the traceback
+        return {'name': name, 'flags': flags, 'error': f'{type(error).__name__}: {error}'}
+    cmc, mAP, _ = history[-1]['scores'][SELECTED[args.method]]  # the last epoch is always evaluated
+    curves = [{key: float(value) for key, value in epoch.items() if key != 'scores'} for epoch in history]
+    return {'name': name, 'flags': flags, 'history': curves, 'test': {'rank1': float(cmc[0]), 'mAP': float(mAP)},
+            'seconds': time.time() - start}
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    names = list(VARIANTS) if args.variants == 'all' else [name.strip() for name in args.variants.split(',')]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        sys.exit(f'error: --variants: unknown variant(s) {unknown}: choose from {list(VARIANTS)}')
+    seed_runs = over_seeds(args)
+    from data_loader import prepare_dataset
+    prepare_dataset('synthetic', args.data_path)
+
+    def summary(result):
+        return f'mAP {100 * result["test"]["mAP"]:.1f}%, last training loss {result["history"][-1]["loss"]:.3f}'
+
+    by_seed = {seed: run_variants(run_variant, names, seed_args, list(VARIANTS), summary)
+               for seed, seed_args in seed_runs}
+    method = ' '.join(METHODS[args.method])
+    setting = (f'{args.method.upper()} ({method}) fine-tuned from random weights, {args.arch} {args.img_h}x{args.img_w}, '
+               f'{args.batch_size} ids x 4 + 4 images, {args.epochs} epochs, {args.data_path or "synthetic"}, '
+               f'seeds {", ".join(map(str, by_seed))}, on {device_label(args)}; retrieval: gallery draw 0, '
+               f'{SELECTED[args.method].upper()} feature')
+    out = Path(args.out)
+    write_seed_table(by_seed, out / 'seeds.md', setting, FIGURES)
+    plot_seeds(by_seed, out / 'seeds.png', 'loss', 'training loss', FIGURES['**mAP** (%)'][0],
+               f'{SELECTED[args.method].upper()} mAP after the last epoch (%)')
+    print((out / 'seeds.md').read_text())
+
+
+if __name__ == '__main__':
+    main()
