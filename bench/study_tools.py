@@ -104,7 +104,7 @@ def write_seed_table(by_seed, path, setting, figures):
     (first_title, (first, first_decimals)), reference = next(iter(figures.items())), names[0]
     lines = [f'Setting: {setting}', '',
              f'| variant | {first_title}, seed {" / ".join(map(str, seeds))} | '
-             + ' | '.join(f'{title}: mean ± sd (minus {reference}\'s)' for title in figures) + ' |',
+             + ' | '.join(f'{title}: mean ± sd (minus {reference})' for title in figures) + ' |',
              '|---|---|' + '---|' * len(figures)]
     for name in names:
         done = [seed for seed in seeds if (name, seed) in ok]
