@@ -88,14 +88,15 @@ def mean_and_sd(values):
     return mean, spread ** 0.5
 
 
-def write_seed_table(by_seed, path, setting, figures):
+def write_seed_table(by_seed, path, setting, figures, notes=()):
     """The spread of a study run once per seed, and how far each variant differs from the first beyond it.
 
     by_seed: {seed: [one result per variant, in the same order for every seed]} (dicts with a 'name',
     and an 'error' for a failed run); figures: {column title: (function(result) -> number, decimals)}.
     One row per variant: its first figure seed by seed, then per figure the mean ± sample sd over the
     seeds and, after the first variant, its difference from the first variant on the same seeds (mean
-    ± standard error of that mean). Failed runs are named under the table and left out of the figures.
+    ± standard error of that mean). Failed runs are named under the table and left out of the figures;
+    `notes`, lines of text, close the file.
     """
     seeds = list(by_seed)
     names = [result['name'] for result in by_seed[seeds[0]]]
@@ -126,6 +127,7 @@ def write_seed_table(by_seed, path, setting, figures):
               'same seed, mean over the seeds ± its standard error (sd of the differences / sqrt(seeds)).']
     lines += [f'- {name}, seed {seed} failed: {result["error"]}'
               for (name, seed), result in runs.items() if 'error' in result]
+    lines += list(notes)
     path.write_text('\n'.join(lines) + '\n')
 
 

@@ -115,6 +115,22 @@ def test_finetune_flags_study_runs_a_variant_and_judges_its_last_weights(tmp_pat
         finetune_flags_study.main(['--method', method, '--out', str(tmp_path), '--variants', 'defaults,fastest'])
 
 
+def test_chance_retrieval_is_the_share_of_true_matches_among_the_gallery_a_query_may_see(sysu_preprocessed):
+    import numpy as np
+    from data_manager import process_gallery_sysu, process_query_sysu
+    _, query_ids, query_cameras = map(np.asarray, process_query_sysu(sysu_preprocessed))
+    expected = []
+    for trial in range(10):
+        _, gallery_ids, gallery_cameras = map(np.asarray, process_gallery_sysu(sysu_preprocessed, trial=trial))
+        seen = ~((query_cameras[:, None] == 3) & (gallery_cameras[None, :] == 2))  # the SYSU-MM01 camera rule
+        matches = (query_ids[:, None] == gallery_ids[None, :]) & seen
+        counted = matches.any(axis=1)  # queries without a visible match are left out of the CMC
+        expected.append((matches.sum(axis=1)[counted] / seen.sum(axis=1)[counted]).mean())
+    rank1, mAP = finetune_flags_study.chance_retrieval(sysu_preprocessed, draws=200)
+    assert abs(rank1 - np.mean(expected)) < 0.02
+    assert rank1 <= mAP < 1  # a random ranking finds some true match below the top
+
+
 def test_throughput_times_each_method_at_each_batch_and_refuses_unknown_methods(tmp_path, sysu_preprocessed):
     table_file = tmp_path / 'throughput.md'
     throughput.main(['--arch', 'resnet18', '--img_h', '48', '--img_w', '24', '--batch', '2,3', '--warmup', '1',
