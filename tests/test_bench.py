@@ -20,6 +20,7 @@ import test as mmgl_test  # noqa: E402
 import throughput  # noqa: E402
 import train as mmgl_train  # noqa: E402
 import data_loader  # noqa: E402
+from data_manager import read_split_ids  # noqa: E402
 from model import MMGLNet  # noqa: E402
 
 
@@ -90,11 +91,16 @@ def test_seed_study_runs_each_seed_apart_and_tabulates_the_spread_and_the_paired
 
 
 @pytest.mark.parametrize('method', ['agw', 'ddag'])
-def test_finetune_flags_study_runs_a_variant_and_judges_its_last_weights(tmp_path, sysu_preprocessed,
-                                                                                         method):
+def test_finetune_flags_study_runs_a_variant_and_judges_its_last_weights(tmp_path, sysu_preprocessed, method):
     args = finetune_flags_study.get_args_parser().parse_args(
         ['--method', method, '--out', str(tmp_path), '--data_path', str(sysu_preprocessed), '--img_h', '48',
          '--img_w', '24', '--batch-size', '2', '--epochs', '1'])
+    view = finetune_flags_study.training_ids_view(sysu_preprocessed, tmp_path / 'training_ids')
+    trained = read_split_ids(sysu_preprocessed, 'train') + read_split_ids(sysu_preprocessed, 'val')
+    assert read_split_ids(view, 'test') == sorted(trained)
+    assert read_split_ids(view, 'train') == read_split_ids(sysu_preprocessed, 'train')
+    assert (view / 'cam1').resolve() == (sysu_preprocessed / 'cam1').resolve()
+    args.seen_path = str(view)
     threads = torch.get_num_threads()
     try:
         result = finetune_flags_study.run_variant('amp', args)
@@ -104,13 +110,23 @@ def test_finetune_flags_study_runs_a_variant_and_judges_its_last_weights(tmp_pat
     assert result['flags'] == [*finetune_flags_study.METHODS[method], '--amp', '--channels_last']
     assert len(result['history']) == 1 and result['history'][0]['loss'] > 0
     json.dumps(result)  # results.json can hold it
-    # the figures are the averages the test script printed for the selected feature of the last weights
+    # the figures are the averages the test script printed for the selected feature of the last weights,
+    # on the held-out identities and on the training ones
     feature = finetune_flags_study.SELECTED[method].upper()
-    judged = (tmp_path / 'logs' / 'amp.test.txt').read_text()
-    assert '_epoch_0.t' in judged and judged.count(f'{feature}:') == 11  # 10 gallery draws and their average
-    average = [line for line in judged.splitlines() if f'{feature}:' in line][-1]
-    assert f'mAP: {100 * result["test"]["mAP"]:.2f}%' in average
-    assert f'Rank-1: {100 * result["test"]["rank1"]:.2f}%' in average
+    for key in ('test', 'seen'):
+        judged = (tmp_path / 'logs' / f'amp.{key}.txt').read_text()
+        assert '_epoch_0.t' in judged and judged.count(f'{feature}:') == 11  # 10 gallery draws and their average
+        average = [line for line in judged.splitlines() if f'{feature}:' in line][-1]
+        assert f'mAP: {100 * result[key]["mAP"]:.2f}%' in average
+        assert f'Rank-1: {100 * result[key]["rank1"]:.2f}%' in average
+    assert result['seen'] != result['test']
+
+    # --rejudge: the figures of the runs in results.json judged again, without training
+    (tmp_path / 'results.json').write_text(json.dumps([{**result, 'test': None, 'seen': None},
+                                                       {'name': 'fast', 'error': 'RuntimeError: boom'}]))
+    finetune_flags_study.rejudge(args)
+    rejudged, failed = json.loads((tmp_path / 'results.json').read_text())
+    assert rejudged == json.loads(json.dumps(result)) and failed['error'] == 'RuntimeError: boom'
     with pytest.raises(SystemExit, match='unknown variant'):
         finetune_flags_study.main(['--method', method, '--out', str(tmp_path), '--variants', 'defaults,fastest'])
 
