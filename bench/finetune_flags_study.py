@@ -189,7 +189,8 @@ def main(argv=None):
     write_seed_table(by_seed, out / 'seeds.md', setting, FIGURES,
                      notes=[f'Chance (random distances, same protocol): Rank-1 {100 * rank1:.1f}%, mAP {100 * mAP:.1f}%.'])
     plot_seeds(by_seed, out / 'seeds.png', 'loss', 'training loss', FIGURES['**mAP** (%)'][0],
-               f'{SELECTED[args.method].upper()} mAP of the last epoch\'s weights (%)')
+               f'{SELECTED[args.method].upper()} mAP of the last epoch\'s weights (%)',
+               final_reference=(100 * mAP, 'chance (random distances)'))
     print((out / 'seeds.md').read_text())
 
 

@@ -131,9 +131,10 @@ def write_seed_table(by_seed, path, setting, figures, notes=()):
     path.write_text('\n'.join(lines) + '\n')
 
 
-def plot_seeds(by_seed, path, curve_key, curve_title, final, final_title):
+def plot_seeds(by_seed, path, curve_key, curve_title, final, final_title, final_reference=None):
     """Left: each variant's history[curve_key] against training steps, the mean over the seeds with the
-    lowest and highest seed as a band; right: final(result), one dot per seed, the mean as a bar."""
+    lowest and highest seed as a band; right: final(result), one dot per seed, the mean as a bar, and
+    final_reference, a (value, label) pair such as a chance level, as a dashed line."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -159,6 +160,9 @@ def plot_seeds(by_seed, path, curve_key, curve_title, final, final_title):
     curves.set_title(f'{curve_title}: mean and range over {len(seeds)} seeds', fontsize=10)
     curves.set_xlabel('training steps')
     curves.legend(fontsize=8)
+    if final_reference is not None:
+        dots.axhline(final_reference[0], color='black', linestyle='--', linewidth=0.8, label=final_reference[1])
+        dots.legend(fontsize=8)
     dots.set_title(f'{final_title}: one dot per seed', fontsize=10)
     dots.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
     for axis in (curves, dots):
