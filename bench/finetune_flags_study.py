@@ -15,9 +15,9 @@ training (after a change to the judging).
     python bench/finetune_flags_study.py --method agw --out bench/results/agw_flags --seeds 0,1,2 --jobs 2
 
 The folder --out receives seed<N>/results.json with each run's per-epoch history and figures (its
-files in seed<N>/<variant>/, its console output and the test script's in seed<N>/logs/), seeds.md (the variants over the seeds, and
-each one's difference from the first on the same seed) and seeds.png (training loss against steps,
-final mAP per seed).
+files in seed<N>/<variant>/, its console output and the test script's in seed<N>/logs/), seeds.md
+(the variants over the seeds, each one's difference from the first on the same seed, and the chance
+level of the retrieval figures) and seeds.png (training loss against steps, final mAP per seed).
 """
 import argparse
 import json
