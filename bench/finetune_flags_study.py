@@ -22,11 +22,10 @@ level of the retrieval figures) and seeds.png (training loss against steps, fina
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from study_tools import device_label, over_seeds, plot_seeds, quietly, run_variants, write_seed_table
+from study_tools import chosen_variants, device_label, over_seeds, plot_seeds, quietly, run_variants, write_seed_table
 
 VARIANTS = {
     'defaults': (),
@@ -161,10 +160,7 @@ def chance_retrieval(data_path, draws=20):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    names = list(VARIANTS) if args.variants == 'all' else [name.strip() for name in args.variants.split(',')]
-    unknown = [name for name in names if name not in VARIANTS]
-    if unknown:
-        sys.exit(f'error: --variants: unknown variant(s) {unknown}: choose from {list(VARIANTS)}')
+    names = chosen_variants(args.variants, VARIANTS)
     from data_loader import prepare_dataset
     data_path = prepare_dataset('synthetic', args.data_path)
     args.seen_path = str(training_ids_view(data_path, Path(args.out) / 'training_ids'))

@@ -17,11 +17,10 @@ With --seeds 0,1,2 the study runs once per seed into <out>/seed<N>/ (each folder
 variant's figures over the seeds, and its difference from the first variant seed by seed.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from study_tools import device_label, over_seeds, plot_seeds, quietly, run_variants, write_seed_table
+from study_tools import chosen_variants, device_label, over_seeds, plot_seeds, quietly, run_variants, write_seed_table
 
 # The paper's command, with the paper's choices where train.py's defaults deviate from it (the
 # global-average head input, PCC's gradient in the backbone); each variant adds or overrides flags.
@@ -188,10 +187,7 @@ SEED_FIGURES = {'**test exact** (%)': (lambda result: 100 * result['test']['perm
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    names = list(VARIANTS) if args.variants == 'all' else [name.strip() for name in args.variants.split(',')]
-    unknown = [name for name in names if name not in VARIANTS]
-    if unknown:
-        sys.exit(f'error: unknown variant(s) {unknown}: choose from {list(VARIANTS)}')
+    names = chosen_variants(args.variants, VARIANTS)
     seed_runs = over_seeds(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

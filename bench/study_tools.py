@@ -53,6 +53,16 @@ def run_variants(run, names, args, order, summary):
     return [done[name] for name in names]
 
 
+def chosen_variants(text, variants):
+    """The variant names of --variants ('all', or comma-separated names of `variants`), in that order;
+    an unknown name stops the study with one sentence."""
+    names = list(variants) if text == 'all' else [name.strip() for name in text.split(',')]
+    unknown = [name for name in names if name not in variants]
+    if unknown:
+        sys.exit(f'error: --variants: unknown variant(s) {unknown}: choose from {list(variants)}')
+    return names
+
+
 def over_seeds(args):
     """[(seed, the study's args for it)]: with --seeds (comma-separated), each seed with its results in
     <args.out>/seed<N>/; without, args.seed with its results in args.out."""
