@@ -14,15 +14,14 @@ from data_loader import IMAGENET_MEAN, IMAGENET_STD, train_padding
 
 
 def _resize(images, img_h, img_w):
-    """uint8 (B, H, W, 3) -> uint8 (B, img_h, img_w, 3), bilinear with antialias.
+    """uint8 (B, 3, H, W) -> uint8 (B, 3, img_h, img_w), bilinear with antialias.
 
     Computed in float on the 0..255 scale, as torchvision's tensor Resize does, then rounded and
     clamped back to uint8 values, as PIL's resize of a uint8 image gives integers."""
-    if images.shape[1:3] == (img_h, img_w):
+    if images.shape[2:] == (img_h, img_w):
         return images  # PIL's resize to the same size is a plain copy
-    resized = F.interpolate(images.permute(0, 3, 1, 2).float(), size=(img_h, img_w), mode='bilinear',
-                            align_corners=False, antialias=True)
-    return resized.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    resized = F.interpolate(images.float(), size=(img_h, img_w), mode='bilinear', align_corners=False, antialias=True)
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,7 +37,7 @@ def augment_batch(images, img_h, img_w, crop_top, crop_left, flip):
     images: uint8 (B, H, W, 3), channels last, as a DataLoader collates the training arrays.
     crop_top, crop_left: int64 (B,), in [0, 2 * train_padding(img_h)]: top-left corner of the
     img_h x img_w crop in the padded image. flip: bool (B,), True to flip horizontally.
-    Returns float32 (B, 3, img_h, img_w) on the images' device, normalised with the ImageNet
+    Returns float32 (B, 3, img_h, img_w), contiguous, on the images' device, normalised with the ImageNet
     mean and std: image b equals train_transform(img_h, img_w)(images[b]) when its RandomCrop
     drew (crop_top[b], crop_left[b]) and its RandomHorizontalFlip drew flip[b].
     """
@@ -47,24 +46,28 @@ def augment_batch(images, img_h, img_w, crop_top, crop_left, flip):
                          f'got {images.dtype} {tuple(images.shape)}.')
     device = images.device
     padding = train_padding(img_h)
-    images = _resize(images, img_h, img_w)
+    images = _resize(images.permute(0, 3, 1, 2), img_h, img_w)  # (B, 3, img_h, img_w), a view of channels-last memory
     # Pad in raw pixel space, before normalising, so that a padded pixel ends up at
     # (0 - mean) / std, as PIL's Pad(fill=0) followed by ToTensor and Normalize gives.
-    padded = F.pad(images, (0, 0, padding, padding, padding, padding))
+    padded = F.pad(images, (padding, padding, padding, padding))
 
-    # Crop and flip in one gather: output pixel (b, i, j) reads padded pixel
-    # (crop_top[b] + i, crop_left[b] + j), with j mirrored (img_w - 1 - j) for flipped images.
+    # Crop and flip in one gather: output pixel (b, c, i, j) reads padded pixel
+    # (b, c, crop_top[b] + i, crop_left[b] + j), with j mirrored (img_w - 1 - j) for flipped images.
+    # Indexing every dimension gives a tensor in the standard (B, 3, h, w) layout, so the network
+    # runs in the same memory format as with the loader's augmentation (channels-last only with
+    # --channels_last): the place of the augmentation changes nothing else.
     crop_top, crop_left, flip = crop_top.to(device), crop_left.to(device), flip.to(device)
     rows = crop_top[:, None] + torch.arange(img_h, device=device)                # (B, img_h)
     cols = torch.arange(img_w, device=device).expand(len(flip), img_w)
     cols = crop_left[:, None] + torch.where(flip[:, None], img_w - 1 - cols, cols)  # (B, img_w)
-    batch = torch.arange(len(padded), device=device)[:, None, None]
-    cropped = padded[batch, rows[:, :, None], cols[:, None, :]]                 # (B, img_h, img_w, 3)
+    batch = torch.arange(len(padded), device=device)[:, None, None, None]
+    channel = torch.arange(3, device=device)[None, :, None, None]
+    cropped = padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]  # (B, 3, img_h, img_w)
 
     # The same operations as ToTensor (/255) and Normalize (sub mean, div std), so the result
     # matches the PIL path bit for bit.
     mean, std = _normalisation(device)
-    return cropped.permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
+    return cropped.float().div(255).sub(mean).div(std)
 
 
 def random_augment(images, img_h, img_w, generator=None):

@@ -32,6 +32,7 @@ VARIANTS = {
     'amp': ('--amp', '--channels_last'),
     'device_augment': ('--augment', 'device'),
     'fast': ('--amp', '--channels_last', '--augment', 'device'),
+    'channels_last': ('--channels_last',),  # fp32: the memory format alone
 }
 METHODS = {'agw': ('--method', 'agw'), 'ddag': ('--wpa', '--graph')}
 SELECTED = {'agw': 'fc', 'ddag': 'att'}  # the feature each script picks its best checkpoint by

@@ -64,6 +64,7 @@ def test_augment_batch_equals_pil_path_at_target_size():
     arrays = random_images(len(choices), IMG_H, IMG_W)
     out = augment_batch(torch.from_numpy(arrays), IMG_H, IMG_W, *as_tensors(choices))
     assert out.shape == (len(choices), 3, IMG_H, IMG_W) and out.dtype == torch.float32
+    assert out.is_contiguous()  # the layout the loader's path gives, whatever the uint8 input's layout
     for array, choice, result in zip(arrays, choices, out):
         assert torch.equal(result, pil_path(array, *choice)), choice
 

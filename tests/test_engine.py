@@ -1,6 +1,7 @@
 """The training engine's speed features on the CPU: mixed precision, augmentation on the device,
 channels-last, device-side permutation decoding."""
 import contextlib
+import itertools
 
 import numpy as np
 import pytest
@@ -133,12 +134,14 @@ def test_speed_flags_reach_the_run_and_resume_stays_exact(tmp_path, sysu_preproc
 
 
 def test_augmentation_in_the_loader_or_on_the_device_feeds_the_same_kind_of_batches(sysu_preprocessed):
-    """The two paths give normalised float batches of one shape and similar statistics."""
+    """The two paths give normalised float batches of one shape, one memory layout (channels-last
+    with --channels_last only) and similar statistics."""
     batches = {}
-    for where in ('loader', 'device'):
-        args = mmgl_train.get_args_parser().parse_args(
-            run_args(sysu_preprocessed.parent, sysu_preprocessed, '--augment', where, '--img_h', '96', '--img_w', '48'))
-        logger = utils.make_logger(sysu_preprocessed.parent / f'augment_{where}.log')
+    for where, layout in itertools.product(('loader', 'device'), ('standard', 'channels_last')):
+        layout_flags = ('--channels_last',) if layout == 'channels_last' else ()
+        args = mmgl_train.get_args_parser().parse_args(run_args(
+            sysu_preprocessed.parent, sysu_preprocessed, '--augment', where, '--img_h', '96', '--img_w', '48', *layout_flags))
+        logger = utils.make_logger(sysu_preprocessed.parent / f'augment_{where}_{layout}.log')
         run = engine.Run(args, 'x', torch.device('cpu'), sysu_preprocessed, logger, engine.NullWriter(),
                          precision=engine.Precision(False, torch.device('cpu')), augment_on_device=where == 'device')
         trainset = engine.training_set(run)
@@ -146,8 +149,10 @@ def test_augmentation_in_the_loader_or_on_the_device_feeds_the_same_kind_of_batc
         pairs = [(index, index % len(trainset.thermal_labels)) for index in range(32)]
         visible, _, _, _ = next(iter(DataLoader(trainset, batch_size=32, sampler=pairs)))
         assert visible.dtype == (torch.uint8 if where == 'device' else torch.float32)
-        batches[where] = run.batch_to_device(visible)
-    loader, device = batches['loader'], batches['device']
+        batches[where, layout] = run.batch_to_device(visible)
+        memory_format = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
+        assert batches[where, layout].is_contiguous(memory_format=memory_format), (where, layout)
+    loader, device = batches['loader', 'standard'], batches['device', 'standard']
     assert loader.shape == device.shape == (32, 3, 96, 48) and loader.dtype == device.dtype == torch.float32
     assert abs(loader.mean() - device.mean()) < 0.05 and abs(loader.std() - device.std()) < 0.05
 
