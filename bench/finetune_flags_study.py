@@ -140,23 +140,22 @@ def rejudge(args):
 
 def chance_retrieval(data_path, draws=20):
     """Rank-1 and mAP (fractions) of random distances under the SYSU-MM01 protocol of the test scripts
-    (all-search, single-shot, the 10 gallery draws), each draw ranked `draws` times: what a network
-    that learnt nothing scores."""
+    (eval_metrics.sysu_retrieval_set: all-search, single-shot, the 10 gallery draws), each draw ranked
+    `draws` times: what a network that learnt nothing scores."""
     import numpy as np
-    from data_manager import process_gallery_sysu, process_query_sysu
-    from eval_metrics import eval_sysu
+    from eval_metrics import sysu_retrieval_set
 
-    _, query_ids, query_cameras = map(np.asarray, process_query_sysu(data_path))
+    def no_features(paths, modal):  # the distances below ignore the features
+        return {'random': np.zeros((len(paths), 1), dtype=np.float32)}
+
+    retrieval_set = sysu_retrieval_set(no_features, data_path)
     rng = np.random.default_rng(0)
-    rank1, mAP = [], []
-    for trial in range(10):
-        _, gallery_ids, gallery_cameras = map(np.asarray, process_gallery_sysu(data_path, trial=trial))
-        for _ in range(draws):
-            distances = rng.random((len(query_ids), len(gallery_ids)))
-            cmc, average_precision, _ = eval_sysu(distances, query_ids, gallery_ids, query_cameras, gallery_cameras)
-            rank1.append(cmc[0])
-            mAP.append(average_precision)
-    return float(np.mean(rank1)), float(np.mean(mAP))
+
+    def random_distance(query_features, gallery_features):
+        return rng.random((len(query_features), len(gallery_features)))
+
+    scores = [trial for _ in range(draws) for trial in retrieval_set.evaluate(random_distance)['random']]
+    return float(np.mean([cmc[0] for cmc, _, _ in scores])), float(np.mean([mAP for _, mAP, _ in scores]))
 
 
 def main(argv=None):
