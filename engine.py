@@ -57,16 +57,33 @@ from data_loader import RankShare, RegDBData, SYSUData, as_uint8_tensor, prepare
 STATE_KEYS = ('model', 'optimizer', 'epoch', 'rng', 'args')
 
 
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def autocast_dtype(amp, device):
+    """The autocast dtype of --amp on device: None without --amp (float32); with --amp alone
+    ('auto') bfloat16 where the device computes it natively (the CPU, GPUs from Ampere on, ROCm),
+    else float16. torch.cuda.is_bf16_supported() would not do: it also says yes for GPUs that only
+    emulate bfloat16 (the paper's 2080Ti), where float16 runs on the tensor cores and bfloat16 does
+    not. --amp bf16 or --amp fp16 name the dtype."""
+    if amp is None:
+        return None
+    native_bf16 = device.type != 'cuda' or bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+    if amp == 'auto':
+        amp = 'bf16' if native_bf16 else 'fp16'
+    elif amp == 'bf16' and not native_bf16:
+        raise utils.UserError(f'--amp bf16: {torch.cuda.get_device_name(device)} does not compute in bfloat16 '
+                              f'natively; use --amp (float16 with gradient scaling on this GPU).')
+    return AMP_DTYPES[amp]
+
+
 class Precision:
-    """--amp: the forward pass under autocast in bfloat16 where the device has it (current GPUs, the
-    CPU), else in float16 with a gradient scaler (older GPUs such as the paper's 2080Ti). Without
-    --amp everything runs in float32 and the scaler does nothing. Its state_dict is the scaler's."""
+    """--amp: the forward pass under autocast in autocast_dtype, with a gradient scaler for float16
+    (whose small range would otherwise lose small gradients). Without --amp everything runs in
+    float32 and the scaler does nothing. Its state_dict is the scaler's."""
 
     def __init__(self, amp, device):
-        self.device_type, self.dtype = device.type, None
-        if amp:
-            bf16 = device.type != 'cuda' or torch.cuda.is_bf16_supported()
-            self.dtype = torch.bfloat16 if bf16 else torch.float16
+        self.device_type, self.dtype = device.type, autocast_dtype(amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
 
     def __str__(self):

@@ -14,6 +14,7 @@ from model import ARCHS
 
 DATASETS = ('sysu', 'regdb', 'synthetic')
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')  # torch.compile's modes
+AMP_MODES = ('auto', 'bf16', 'fp16')  # --amp alone is auto (engine.autocast_dtype)
 
 
 def data_flags():
@@ -50,9 +51,10 @@ def training_flags():
     parser.add_argument('--vis_log_path', default='log/vis_log/', help='tensorboardX logs')
     parser.add_argument('--seed', default=0, type=int)
     speed = parser.add_argument_group('speed (README, "Speed and several GPUs")')
-    speed.add_argument('--amp', action='store_true',
-                       help='mixed precision: the network in bfloat16 (float16 with gradient scaling on GPUs '
-                            'without bfloat16), the losses in float32')
+    speed.add_argument('--amp', nargs='?', const='auto', default=None, choices=AMP_MODES,
+                       help='mixed precision, the losses in float32: the network in bfloat16 where the device '
+                            'computes it natively (the CPU, GPUs from Ampere on), else in float16 with gradient '
+                            'scaling (older GPUs such as the paper\'s 2080Ti); --amp bf16 or --amp fp16 name the dtype')
     speed.add_argument('--channels_last', action='store_true', help='channels-last memory format (faster convolutions on GPUs)')
     speed.add_argument('--augment', default='loader', choices=['loader', 'device'],
                        help='where the training augmentation runs: loader, per image with PIL in the loader '

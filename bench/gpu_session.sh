@@ -3,7 +3,7 @@
 # one H100/H200; each stage runs under `timeout`, and a training run stopped by it keeps its last saved
 # weights (every 5 epochs), which test.py judges on the held-out identities.
 #   throughput  bench/throughput.py at full size (ResNet-50, 288x144, batch 32+32), alone on the card:
-#               the three training steps in fp32, --amp, --amp --channels_last, and whole train.py
+#               the three training steps in fp32, --amp, --amp [fp16] --channels_last, and whole train.py
 #               epochs (the --compile rows are the compile stage's)                        150 s
 #   pair        the paper's command (--pcc --part, SGD lr 0.1, 100 epochs x 100 steps = the 10,000
 #               steps of #9's target) as pretext-study variants `default` (fp32, loader augmentation)
@@ -101,7 +101,7 @@ judge_curve() {  # pretext-study variant: test.py on its weights of every 10th e
 
 for stage in "${stages[@]}"; do
   case $stage in
-    throughput) throughput throughput "${THROUGHPUT_S:-150}" --precisions 'fp32,amp,amp + channels_last' \
+    throughput) throughput throughput "${THROUGHPUT_S:-150}" --precisions 'fp32,amp,amp + channels_last,amp fp16 + channels_last' \
                   --epoch_flags= --epoch_flags='--augment device' --epoch_flags='--amp --channels_last' \
                   --epoch_flags='--amp --channels_last --augment device' ;;
     pair) study "${PAIR_S:-335}" default & study "${PAIR_S:-335}" default+fast & wait ;;

@@ -43,11 +43,12 @@ from data_loader import SYSUData, UnpairedSampler, as_uint8_tensor, prepare_data
 from model import ARCHS, MMGLNet  # noqa: E402
 from study_tools import publish  # noqa: E402
 
-PRECISIONS = {'fp32': dict(amp=False, channels_last=False, compile=None),
-              'amp': dict(amp=True, channels_last=False, compile=None),
-              'amp + channels_last': dict(amp=True, channels_last=True, compile=None),
-              'amp + channels_last + compile': dict(amp=True, channels_last=True, compile='default'),
-              'amp + channels_last + compile reduce-overhead': dict(amp=True, channels_last=True,
+PRECISIONS = {'fp32': dict(amp=None, channels_last=False, compile=None),
+              'amp': dict(amp='auto', channels_last=False, compile=None),
+              'amp + channels_last': dict(amp='auto', channels_last=True, compile=None),
+              'amp fp16 + channels_last': dict(amp='fp16', channels_last=True, compile=None),
+              'amp + channels_last + compile': dict(amp='auto', channels_last=True, compile='default'),
+              'amp + channels_last + compile reduce-overhead': dict(amp='auto', channels_last=True,
                                                                     compile='reduce-overhead')}
 EPOCH_FLAGS = ((), ('--augment', 'device'), ('--amp', '--channels_last'),
                ('--amp', '--channels_last', '--augment', 'device'),

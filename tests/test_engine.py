@@ -41,21 +41,61 @@ def three_methods():
             'ddag': (build_ddag(2, ddag_args, 'resnet18'), train_ddag.DDAGLoss(ddag_args))}
 
 
-def test_every_step_gives_a_float32_loss_under_bfloat16_autocast():
-    precision = engine.Precision(True, torch.device('cpu'))
-    assert precision.dtype == torch.bfloat16 and not precision.scaler.is_enabled()
+@pytest.mark.parametrize('amp, dtype', [('auto', torch.bfloat16), ('fp16', torch.float16)])
+def test_every_step_gives_a_float32_loss_under_autocast(amp, dtype):
+    """--amp (bfloat16 on the CPU) and --amp fp16 (the paper's 2080Ti path, with gradient scaling):
+    each network runs in the autocast dtype, each loss comes out in float32, and the optimiser step
+    gets float32 gradients, unscaled and finite. (In float16 the first steps may overflow at the
+    scaler's initial scale: it then skips the step and halves the scale, until a step is taken.)"""
+    precision = engine.Precision(amp, torch.device('cpu'))
+    assert precision.dtype == dtype and precision.scaler.is_enabled() == (dtype == torch.float16)
     visible, thermal = torch.randn(4, 3, 48, 24), torch.randn(4, 3, 48, 24)
     labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
     runs = three_methods()
     for name, (net, step) in runs.items():
-        with precision.autocast():
-            assert net.feature_map(visible, thermal).dtype == torch.bfloat16, name  # the network runs in bf16
-            loss, values = step(net.train(), visible, thermal, labels, epoch=0)
-        assert loss.dtype == torch.float32 and torch.isfinite(loss), name
-        precision.backward_and_step(loss, torch.optim.SGD(net.parameters(), lr=0.01))
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        for skipped in range(40):
+            scale = precision.scaler.get_scale()
+            with precision.autocast():
+                assert net.feature_map(visible, thermal).dtype == dtype, name  # the network runs in the autocast dtype
+                loss, values = step(net.train(), visible, thermal, labels, epoch=0)
+            assert loss.dtype == torch.float32 and torch.isfinite(loss), name
+            before = [parameter.detach().clone() for parameter in net.parameters()]
+            precision.backward_and_step(loss, optimizer)
+            if precision.scaler.get_scale() >= scale:  # the step was taken
+                break
+            assert all(torch.equal(old, new) for old, new in zip(before, net.parameters())), name
+        assert skipped < (16 if precision.scaler.is_enabled() else 1), name
         gradients = [parameter.grad for parameter in net.parameters() if parameter.grad is not None]
         assert gradients and all(gradient.dtype == torch.float32 and torch.isfinite(gradient).all()
                                  for gradient in gradients), name
+        assert any(not torch.equal(old, new) for old, new in zip(before, net.parameters())), name
+        if precision.scaler.is_enabled():  # the optimiser saw unscaled gradients
+            assert max(gradient.abs().max() for gradient in gradients) < 1e3, (name, skipped)
+
+
+@pytest.mark.parametrize('amp, capability, expected', [
+    (None, (9, 0), None), ('auto', (9, 0), torch.bfloat16), ('auto', (8, 0), torch.bfloat16),
+    ('auto', (7, 5), torch.float16), ('fp16', (9, 0), torch.float16), ('bf16', (8, 6), torch.bfloat16)])
+def test_amp_picks_bfloat16_only_where_the_gpu_computes_it_natively(monkeypatch, amp, capability, expected):
+    """--amp alone on a GPU: bfloat16 from Ampere (compute capability 8) on, float16 before, such as
+    the paper's 2080Ti (7.5), which torch.cuda.is_bf16_supported() calls bfloat16-capable (it
+    emulates it). Checked with the capability of a pretend GPU; the CPU always has bfloat16."""
+    monkeypatch.setattr(torch.version, 'hip', None)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    assert engine.autocast_dtype(amp, torch.device('cuda', 0)) == expected
+    assert engine.autocast_dtype(amp, torch.device('cpu')) == (None if amp is None else AMP_DTYPES_ON_CPU[amp])
+
+
+AMP_DTYPES_ON_CPU = {'auto': torch.bfloat16, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def test_amp_bf16_on_a_gpu_without_native_bfloat16_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.version, 'hip', None)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'NVIDIA GeForce RTX 2080 Ti')
+    with pytest.raises(utils.UserError, match='--amp bf16: NVIDIA GeForce RTX 2080 Ti .* use --amp'):
+        engine.autocast_dtype('bf16', torch.device('cuda', 0))
 
 
 class HostWaits(TorchFunctionMode):
@@ -97,7 +137,7 @@ def test_a_training_step_never_makes_the_host_wait_for_the_device(sysu_preproces
     args = mmgl_train.get_args_parser().parse_args(run_args(sysu_preprocessed.parent, sysu_preprocessed,
                                                             '--augment', 'device'))
     run = engine.Run(args, 'x', meta, sysu_preprocessed, None, engine.NullWriter(),
-                     precision=engine.Precision(False, meta), augment_on_device=True)
+                     precision=engine.Precision(None, meta), augment_on_device=True)
     runs = three_methods()
     images = torch.zeros(4, 60, 30, 3, dtype=torch.uint8)  # a loader's batch: uint8, in host memory
     batch = (images, images, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1]))
@@ -115,15 +155,20 @@ def test_a_training_step_never_makes_the_host_wait_for_the_device(sysu_preproces
     assert recorder.waits == ['tensor(device=...)', 'to from host memory', 'copy_ from host memory']
 
 
-def test_speed_flags_reach_the_run_and_resume_stays_exact(tmp_path, sysu_preprocessed):
-    flags = ('--arch', 'resnet18', '--batch-size', '4', '--steps_per_epoch', '3', '--pcc', '--part', '--amp',
+@pytest.mark.parametrize('amp, shown', [(('--amp',), 'bfloat16 autocast'),
+                                         (('--amp', 'fp16'), 'float16 autocast with gradient scaling')])
+def test_speed_flags_reach_the_run_and_resume_stays_exact(tmp_path, sysu_preprocessed, amp, shown):
+    """--amp [fp16] --channels_last --augment device reach train.py's run, and a run resumed from its
+    state file (with the gradient scaler's scale) ends with the weights of the uninterrupted run."""
+    flags = ('--arch', 'resnet18', '--batch-size', '4', '--steps_per_epoch', '3', '--pcc', '--part', *amp,
              '--channels_last', '--augment', 'device', '--log_every', '2')
     straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
     history = mmgl_train.main(run_args(straight, sysu_preprocessed, *flags, '--epochs', '2'))
     assert all(np.isfinite(stats['loss']) for stats in history)
     log = (straight / 'log' / f'{MMGL_RUN}.log').read_text()
-    assert 'bfloat16 autocast' in log and 'augmentation in the device' in log
-    assert 'grad_scaler' in utils.load_checkpoint(straight / 'save_model' / f'{MMGL_RUN}_state.t')
+    assert shown in log and 'augmentation in the device' in log
+    scaler = utils.load_checkpoint(straight / 'save_model' / f'{MMGL_RUN}_state.t')['grad_scaler']
+    assert (scaler != {}) == ('fp16' in amp)  # a disabled scaler has no state
 
     mmgl_train.main(run_args(interrupted, sysu_preprocessed, *flags, '--epochs', '1'))
     mmgl_train.main(run_args(interrupted, sysu_preprocessed, *flags, '--epochs', '2', '--resume', f'{MMGL_RUN}_state.t'))
@@ -131,6 +176,7 @@ def test_speed_flags_reach_the_run_and_resume_stays_exact(tmp_path, sysu_preproc
     resumed = utils.load_checkpoint(interrupted / 'save_model' / f'{MMGL_RUN}_epoch_2.t')
     for key, value in reference.items():
         assert torch.equal(resumed[key], value), key
+    assert utils.load_checkpoint(interrupted / 'save_model' / f'{MMGL_RUN}_state.t')['grad_scaler'] == scaler
 
 
 def test_augmentation_in_the_loader_or_on_the_device_feeds_the_same_kind_of_batches(sysu_preprocessed):
@@ -143,7 +189,7 @@ def test_augmentation_in_the_loader_or_on_the_device_feeds_the_same_kind_of_batc
             sysu_preprocessed.parent, sysu_preprocessed, '--augment', where, '--img_h', '96', '--img_w', '48', *layout_flags))
         logger = utils.make_logger(sysu_preprocessed.parent / f'augment_{where}_{layout}.log')
         run = engine.Run(args, 'x', torch.device('cpu'), sysu_preprocessed, logger, engine.NullWriter(),
-                         precision=engine.Precision(False, torch.device('cpu')), augment_on_device=where == 'device')
+                         precision=engine.Precision(None, torch.device('cpu')), augment_on_device=where == 'device')
         trainset = engine.training_set(run)
         torch.manual_seed(0)
         pairs = [(index, index % len(trainset.thermal_labels)) for index in range(32)]
