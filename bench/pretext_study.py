@@ -57,6 +57,8 @@ VARIANTS = {
     # the speed flags must not change what is learnt
     'default+amp': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--amp', '--channels_last'),
     'default+device_augment': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--augment', 'device'),
+    # float16 with gradient scaling, what --amp picks on GPUs without native bfloat16 (the paper's 2080Ti)
+    'default+amp_fp16': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--amp', 'fp16', '--channels_last'),
     # all three speed flags (the GPU runs of bench/gpu_session.sh)
     'default+fast': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--amp', '--channels_last', '--augment', 'device'),
     'default+onestream+fast': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--stream', 'one', '--amp',
