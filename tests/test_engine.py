@@ -74,6 +74,9 @@ def test_every_step_gives_a_float32_loss_under_autocast(amp, dtype):
             assert max(gradient.abs().max() for gradient in gradients) < 1e3, (name, skipped)
 
 
+AMP_DTYPES_ON_CPU = {'auto': torch.bfloat16, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # the CPU has both
+
+
 @pytest.mark.parametrize('amp, capability, expected', [
     (None, (9, 0), None), ('auto', (9, 0), torch.bfloat16), ('auto', (8, 0), torch.bfloat16),
     ('auto', (7, 5), torch.float16), ('fp16', (9, 0), torch.float16), ('bf16', (8, 6), torch.bfloat16)])
@@ -85,9 +88,6 @@ def test_amp_picks_bfloat16_only_where_the_gpu_computes_it_natively(monkeypatch,
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
     assert engine.autocast_dtype(amp, torch.device('cuda', 0)) == expected
     assert engine.autocast_dtype(amp, torch.device('cpu')) == (None if amp is None else AMP_DTYPES_ON_CPU[amp])
-
-
-AMP_DTYPES_ON_CPU = {'auto': torch.bfloat16, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def test_amp_bf16_on_a_gpu_without_native_bfloat16_is_refused(monkeypatch):
