@@ -2,11 +2,13 @@
 
 Each variant is a set of train.py flags on top of the paper's command (--stream two --lr 0.1 --pcc
 --part, SGD, 6 stripes, cl_weight 0.5, cl_temp 0.07, 20 Sinkhorn iterations). Every variant is
-trained at the same size and step budget, then judged by test.py on the held-out test identities.
+trained at the same size on as many images (a variant with a larger global batch, in one process or
+under torchrun, takes fewer steps: LAUNCH_OPTIONS), then judged by test.py on the held-out test
+identities.
 The folder --out receives:
     results.json     per variant: its flags, the per-epoch training history and the test figures
     table.md         one row per variant (failed runs kept, with their error)
-    curves.png       exact and per-stripe permutation accuracy and the PCC loss against steps
+    curves.png       exact and per-stripe permutation accuracy and the PCC loss against epochs
     <variant>/       the run's checkpoints and logs; logs/<variant>.txt its console output
 
     python bench/pretext_study.py --out study/cpu --arch resnet18 --img_h 48 --img_w 24 --epochs 10 \\
@@ -20,7 +22,8 @@ import argparse
 import time
 from pathlib import Path
 
-from study_tools import chosen_variants, device_label, over_seeds, plot_seeds, quietly, run_variants, write_seed_table
+from study_tools import (chosen_variants, device_label, over_seeds, plot_seeds, quietly, read_history, run_variants,
+                         torchrun, write_seed_table)
 
 # The paper's command, with the paper's choices where train.py's defaults deviate from it (the
 # global-average head input, PCC's gradient in the backbone); each variant adds or overrides flags.
@@ -63,7 +66,19 @@ VARIANTS = {
     'default+fast': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--amp', '--channels_last', '--augment', 'device'),
     'default+onestream+fast': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--stream', 'one', '--amp',
                                '--channels_last', '--augment', 'device'),
+    # twice the global batch over the same images (see LAUNCH_OPTIONS), with the learning rate scaled
+    # linearly (the README's rule for torchrun) or not, in one process and under torchrun
+    'default+batch2x': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '2', '--lr', '0.2'),
+    'default+batch2x_lr0.1': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '2'),
+    'default+torchrun2': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--nproc_per_node', '2', '--lr', '0.2'),
+    'default+torchrun2_lr0.1': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--nproc_per_node', '2'),
 }
+# Options of a variant that are the study's, not train.py's: how the run is launched. Both keep the
+# images of an epoch (and so of the run) those of the study's setting:
+#   --batch_scale K       K times the study's --batch-size in one process, K times fewer steps an epoch
+#   --nproc_per_node N    under torchrun with N processes (gloo on the CPU; --threads shared among them),
+#                         each with the study's --batch-size and N times fewer steps an epoch
+LAUNCH_OPTIONS = ('--batch_scale', '--nproc_per_node')
 
 
 def get_args_parser():
@@ -88,9 +103,18 @@ def get_args_parser():
     return parser
 
 
+def launch_options(name):
+    """{option: integer} of the LAUNCH_OPTIONS a variant names."""
+    extra = VARIANTS[name]
+    return {flag: int(value) for flag, value in zip(extra, extra[1:]) if flag in LAUNCH_OPTIONS}
+
+
 def variant_flags(name):
-    """train.py flags of a variant: the paper's command with the variant's changes ('--no_pcc' drops PCC)."""
+    """train.py flags of a variant: the paper's command with the variant's changes ('--no_pcc' drops PCC;
+    the LAUNCH_OPTIONS and their values are left out)."""
     extra = list(VARIANTS[name])
+    for option in launch_options(name):
+        del extra[extra.index(option):extra.index(option) + 2]
     flags = list(PAPER)
     if '--no_pcc' in extra:
         flags = flags[:flags.index('--pcc')] + flags[flags.index('--part') + 1:]
@@ -111,16 +135,27 @@ def run_variant(name, args):
     if args.data_path:
         common += ['--data_path', args.data_path]
     flags = variant_flags(name)
-    train_argv = common + flags + ['--arch', args.arch, '--batch-size', str(args.batch_size), '--epochs', str(args.epochs),
-                                   '--steps_per_epoch', str(args.steps_per_epoch), '--save_epoch', str(args.epochs),
-                                   '--model_path', str(folder), '--log_path', str(folder),
-                                   '--vis_log_path', str(folder / 'vis')]
+    launch = launch_options(name)
+    batch_scale, processes = launch.get('--batch_scale', 1), launch.get('--nproc_per_node', 1)
+    if args.steps_per_epoch % (batch_scale * processes):
+        return {'name': name, 'flags': flags, 'error': f'--steps_per_epoch {args.steps_per_epoch} is not a multiple of '
+                                                       f'the {batch_scale * processes} the variant divides it by'}
+    train_argv = common + flags + ['--arch', args.arch, '--batch-size', str(args.batch_size * batch_scale),
+                                   '--epochs', str(args.epochs),
+                                   '--steps_per_epoch', str(args.steps_per_epoch // (batch_scale * processes)),
+                                   '--save_epoch', str(args.epochs), '--model_path', str(folder),
+                                   '--log_path', str(folder), '--vis_log_path', str(folder / 'vis')]
+    run_name = mmgl_train.run_name(mmgl_train.get_args_parser().parse_args(train_argv))
 
     log_file = Path(args.out) / 'logs' / f'{name}.txt'
     start = time.time()
     try:
-        history = quietly(log_file, mmgl_train.main, train_argv)
-        weights = folder / f'{mmgl_train.run_name(mmgl_train.get_args_parser().parse_args(train_argv))}_epoch_{args.epochs}.t'
+        if processes == 1:
+            history = quietly(log_file, mmgl_train.main, train_argv)
+        else:
+            torchrun('train.py', train_argv, processes, args.threads, log_file)
+            history = read_history(folder / f'{run_name}.log')
+        weights = folder / f'{run_name}_epoch_{args.epochs}.t'
         results = quietly(log_file.parent / f'{name}.test.txt', mmgl_test.main, common + ['--resume', str(weights)])
     except (Exception, SystemExit) as error:  # a failed variant stays in the table
         return {'name': name, 'flags': flags, 'error': f'{type(error).__name__}: {error}'}
@@ -165,14 +200,14 @@ def plot_curves(results, path):
         if 'error' in result:
             continue
         style = dict(color=colours[index % 10], linestyle=('-', '--', ':')[index // 10 % 3], label=result['name'])
-        steps = [epoch['steps'] for epoch in result['history']]
+        epochs = [epoch['epoch'] + 1 for epoch in result['history']]  # epochs trained: the same images in every variant
         for axis, (key, _) in zip(axes, panels):
             if key == 'pcc_loss' and '--pcc' not in result['flags']:
                 continue
-            axis.plot(steps, [epoch[key] for epoch in result['history']], **style)
+            axis.plot(epochs, [epoch[key] for epoch in result['history']], **style)
     for axis, (key, title) in zip(axes, panels):
         axis.set_title(title)
-        axis.set_xlabel('training steps')
+        axis.set_xlabel('epochs')
         axis.grid(alpha=0.3)
     axes[0].axhline(1 / 720, color='black', linestyle='-.', linewidth=0.8, label='chance')
     axes[1].axhline(1 / 6, color='black', linestyle='-.', linewidth=0.8, label='chance')
@@ -214,7 +249,7 @@ def main(argv=None):
         write_seed_table(by_seed, out / 'seeds.md', setting + f'seeds {args.seeds}, on {device_label(args)}',
                          SEED_FIGURES)
         plot_seeds(by_seed, out / 'seeds.png', 'perm_exact', 'exact permutation accuracy (train)',
-                   SEED_FIGURES['**test exact** (%)'][0], 'test exact on the held-out identities (%)')
+                   SEED_FIGURES['**test exact** (%)'][0], 'test exact on the held-out identities (%)', x_key='epoch')
         print((out / 'seeds.md').read_text())
 
 

@@ -1,6 +1,6 @@
 """What the study scripts of bench/ share: running named variants side by side in worker processes,
-each with its console output in a file, and keeping their results across invocations; the table and
-plot of a study run over several seeds.
+each with its console output in a file, and keeping their results across invocations; a run under
+torchrun and its figures read back from its log; the table and plot of a study run over several seeds.
 
 A study script defines `run(name, args) -> dict` (a module-level function, so that spawned workers
 can import it) and calls run_variants, which trains only the names not yet in results.json.
@@ -8,6 +8,9 @@ can import it) and calls run_variants, which trains only the names not yet in re
 import argparse
 import contextlib
 import json
+import os
+import re
+import subprocess
 import sys
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +31,44 @@ def quietly(log_file, function, *arguments):
         except BaseException:
             traceback.print_exc()
             raise
+
+
+def torchrun(script, argv, processes, threads, log_file):
+    """Run a script of the repository under torchrun with `processes` processes on this machine (gloo on
+    the CPU, one GPU each on GPUs), the `threads` torch threads shared among them, its console output in
+    log_file; raises when it fails. Its figures are read back from its log (read_history)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(processes),
+               str(REPO_ROOT / script), *argv]
+    with open(log_file, 'w') as log:
+        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, 'OMP_NUM_THREADS': str(max(1, threads // processes))})
+    if finished.returncode:
+        raise RuntimeError(f'torchrun {script} with {processes} processes exited with status {finished.returncode}: '
+                           f'see {log_file}')
+
+
+# The line engine.fit logs at the end of each epoch.
+EPOCH_LINE = re.compile(r'^epoch (\d+) lr \S+ (.*) \((\d+) steps, [\d.]+ img/s, ([\d:]+)\)$')
+
+
+def read_history(log_file):
+    """Per-epoch figures of a train.py log, as train.main returns them (only the logged four decimals):
+    a list of dicts with 'epoch', 'steps', 'seconds' and every loss and accuracy of the epoch line."""
+    history, steps = [], 0
+    for line in Path(log_file).read_text().splitlines():
+        match = EPOCH_LINE.match(line)
+        if match is None:
+            continue
+        epoch, figures, epoch_steps, clock = match.groups()
+        names_and_values = figures.split()
+        steps += int(epoch_steps)
+        seconds = sum(int(part) * 60 ** power for power, part in enumerate(reversed(clock.split(':'))))
+        history.append({'epoch': int(epoch), 'steps': steps, 'seconds': seconds,
+                        **{name: float(value) for name, value in zip(names_and_values[::2], names_and_values[1::2])}})
+    if not history:
+        raise ValueError(f'{log_file} has no epoch lines: is it the log of a train.py run?')
+    return history
 
 
 def run_variants(run, names, args, order, summary):
@@ -141,10 +182,11 @@ def write_seed_table(by_seed, path, setting, figures, notes=()):
     path.write_text('\n'.join(lines) + '\n')
 
 
-def plot_seeds(by_seed, path, curve_key, curve_title, final, final_title, final_reference=None):
-    """Left: each variant's history[curve_key] against training steps, the mean over the seeds with the
-    lowest and highest seed as a band; right: final(result), one dot per seed, the mean as a bar, and
-    final_reference, a (value, label) pair such as a chance level, as a dashed line."""
+def plot_seeds(by_seed, path, curve_key, curve_title, final, final_title, final_reference=None, x_key='steps'):
+    """Left: each variant's history[curve_key] against history[x_key] ('steps', the training steps, or
+    'epoch'), the mean over the seeds with the lowest and highest seed as a band; right: final(result),
+    one dot per seed, the mean as a bar, and final_reference, a (value, label) pair such as a chance
+    level, as a dashed line."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -159,7 +201,7 @@ def plot_seeds(by_seed, path, curve_key, curve_title, final, final_title, final_
             continue
         colour = colours[index % 10]
         length = min(len(result['history']) for result in results)
-        steps = [epoch['steps'] for epoch in results[0]['history'][:length]]
+        steps = [epoch[x_key] + (x_key == 'epoch') for epoch in results[0]['history'][:length]]  # epochs trained
         values = [[result['history'][epoch][curve_key] for result in results] for epoch in range(length)]
         curves.plot(steps, [sum(epoch) / len(epoch) for epoch in values], color=colour, label=name)
         curves.fill_between(steps, [min(epoch) for epoch in values], [max(epoch) for epoch in values],
@@ -168,7 +210,7 @@ def plot_seeds(by_seed, path, curve_key, curve_title, final, final_title, final_
         dots.scatter([index] * len(finals), finals, color=colour)
         dots.hlines(sum(finals) / len(finals), index - 0.25, index + 0.25, color=colour)
     curves.set_title(f'{curve_title}: mean and range over {len(seeds)} seeds', fontsize=10)
-    curves.set_xlabel('training steps')
+    curves.set_xlabel({'steps': 'training steps', 'epoch': 'epochs'}[x_key])
     curves.legend(fontsize=8)
     if final_reference is not None:
         dots.axhline(final_reference[0], color='black', linestyle='--', linewidth=0.8, label=final_reference[1])

@@ -41,8 +41,36 @@ def test_study_variants_are_the_papers_command_with_their_changes():
         parsed(pretext_study.variant_flags(name))  # every variant is a valid train.py command
 
 
+def test_study_variants_with_a_larger_global_batch_keep_the_images_of_an_epoch(tmp_path, sysu_preprocessed):
+    """--batch_scale K: K times the batch in this process; --nproc_per_node N: N processes under torchrun,
+    figures read back from the log; both with K (N) times fewer steps an epoch, judged by test.py."""
+    assert pretext_study.launch_options('default+torchrun2') == {'--nproc_per_node': 2}
+    assert pretext_study.variant_flags('default+batch2x') == pretext_study.variant_flags('default') + ['--lr', '0.2']
+    args = pretext_study.get_args_parser().parse_args(
+        ['--out', str(tmp_path), '--data_path', str(sysu_preprocessed), '--arch', 'resnet18', '--img_h', '48',
+         '--img_w', '24', '--batch-size', '2', '--epochs', '1', '--steps_per_epoch', '2', '--threads', '2'])
+    threads = torch.get_num_threads()
+    try:
+        results = {name: pretext_study.run_variant(name, args) for name in ('default+batch2x', 'default+torchrun2')}
+    finally:
+        torch.set_num_threads(threads)  # the worker's setting, not this process's
+    for name, result in results.items():
+        assert 'error' not in result, result['error']
+        assert [(epoch['epoch'], epoch['steps']) for epoch in result['history']] == [(0, 1)]
+        assert result['history'][0]['perm_stripe'] > 0 and 0 <= result['test']['perm_exact'] <= 1
+        json.dumps(result)
+    run = 'synthetic_mmgl_two_resnet18_s6_pcc_part_lr_0.2_seed_0'
+    in_one_process = (tmp_path / 'default+batch2x' / f'{run}.log').read_text()
+    assert "'batch_size': 4," in in_one_process and "'steps_per_epoch': 1," in in_one_process
+    under_torchrun = (tmp_path / 'default+torchrun2' / f'{run}.log').read_text()
+    assert "'batch_size': 2," in under_torchrun and 'x 2 processes' in under_torchrun
+    assert 'the 2 processes end with the same weights' in under_torchrun
+    args.steps_per_epoch = 3
+    assert 'not a multiple of the 2' in pretext_study.run_variant('default+torchrun2', args)['error']
+
+
 def test_study_table_keeps_failed_variants(tmp_path):
-    epoch = {'steps': 40, 'perm_exact': 0.25, 'perm_stripe': 0.5, 'pcc_loss': 1.0, 'perm_loss': 0.1}
+    epoch = {'epoch': 0, 'steps': 40, 'perm_exact': 0.25, 'perm_stripe': 0.5, 'pcc_loss': 1.0, 'perm_loss': 0.1}
     results = [{'name': 'default', 'flags': pretext_study.variant_flags('default'), 'history': [epoch, epoch],
                 'test': {'perm_exact': 0.3, 'perm_stripe': 0.6, 'rank1': 0.1, 'mAP': 0.2}, 'seconds': 60},
                {'name': 'paper', 'flags': pretext_study.variant_flags('paper'), 'error': 'RuntimeError: boom'}]
@@ -67,7 +95,7 @@ def test_seed_study_runs_each_seed_apart_and_tabulates_the_spread_and_the_paired
             if (name, args.seed) not in test_exact:
                 results.append({'name': name, 'flags': pretext_study.variant_flags(name), 'error': 'RuntimeError: boom'})
                 continue
-            epoch = {'steps': 40, 'perm_exact': test_exact[name, args.seed] + 0.1, 'perm_stripe': 0.5, 'pcc_loss': 1.0}
+            epoch = {'epoch': 0, 'steps': 40, 'perm_exact': test_exact[name, args.seed] + 0.1, 'perm_stripe': 0.5, 'pcc_loss': 1.0}
             results.append({'name': name, 'flags': pretext_study.variant_flags(name), 'history': [epoch],
                             'test': {'perm_exact': test_exact[name, args.seed], 'perm_stripe': 0.6, 'rank1': 0.1,
                                      'mAP': 0.2}, 'seconds': 60})

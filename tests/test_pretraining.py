@@ -14,6 +14,7 @@ from utils import REPO_ROOT, UserError
 
 sys.path.insert(0, str(REPO_ROOT / 'bench'))
 import runs_table  # noqa: E402
+import study_tools  # noqa: E402
 
 
 def train_args(tmp_path, data_path, *extra):
@@ -23,7 +24,7 @@ def train_args(tmp_path, data_path, *extra):
 def test_the_papers_command_learns_permutation_recovery_on_held_out_identities(tmp_path, synthetic_demo, capsys):
     """The paper's optimiser and losses (SGD at lr 0.1, --pcc --part, the warm-up) at toy size: 200 steps
     of ResNet-18 at 96x48 recover the stripe order of unseen people far above chance, and PCC trains.
-    bench/runs_table.py reads the same figures back from the log and test.py's output."""
+    bench/study_tools.py and bench/runs_table.py read the same figures back from the log and test.py's output."""
     history = mmgl_train.main(train_args(tmp_path, synthetic_demo, '--img_h', '96', '--img_w', '48', '--batch-size', '8',
                                        '--lr', '0.1', '--pcc', '--part', '--epochs', '10', '--steps_per_epoch', '20'))
     chance_exact, chance_stripe = 1 / 720, 1 / 6
@@ -41,7 +42,7 @@ def test_the_papers_command_learns_permutation_recovery_on_held_out_identities(t
     results = mmgl_test.main(['--dataset', 'synthetic', '--data_path', str(synthetic_demo), '--resume', str(weights),
                               '--img_h', '96', '--img_w', '48', '--workers', '0'])
     (tmp_path / 'test_output.txt').write_text(capsys.readouterr().out)
-    logged = runs_table.read_history(tmp_path / 'log' / f'{name}.log')
+    logged = study_tools.read_history(tmp_path / 'log' / f'{name}.log')
     assert [epoch['steps'] for epoch in logged] == [epoch['steps'] for epoch in history]
     for key in ('perm_exact', 'perm_stripe', 'pcc_loss'):
         assert [epoch[key] for epoch in logged] == pytest.approx([epoch[key] for epoch in history], abs=6e-5)
