@@ -1,7 +1,9 @@
 """Do the speed flags change what AGW or DDAG fine-tuning learns? One method fine-tuned from random
 weights with the scripts' defaults and with the speed flags, each over several seeds, side by side.
 
-Each variant is a set of flags added to the method's command (AGW: --method agw; DDAG: --wpa --graph).
+Each variant is a set of flags added to the method's command (AGW: --method agw; DDAG: --wpa --graph),
+or a larger global batch over the same images, in one process or under torchrun (LAUNCH_OPTIONS of
+study_tools).
 A run's figures: the training loss and identity accuracy of its last epoch, and the retrieval of its
 last epoch's weights judged by the method's test script (10 gallery draws averaged; the feature that
 picks the best checkpoint: FC for AGW, the attention feature for DDAG), once on the held-out test
@@ -17,7 +19,7 @@ training (after a change to the judging).
 The folder --out receives seed<N>/results.json with each run's per-epoch history and figures (its
 files in seed<N>/<variant>/, its console output and the test script's in seed<N>/logs/), seeds.md
 (the variants over the seeds, each one's difference from the first on the same seed, and the chance
-level of the retrieval figures) and seeds.png (training loss against steps, final mAP per seed).
+level of the retrieval figures) and seeds.png (training loss against epochs, final mAP per seed).
 """
 import argparse
 import json
@@ -25,7 +27,8 @@ import shutil
 import time
 from pathlib import Path
 
-from study_tools import chosen_variants, device_label, over_seeds, plot_seeds, quietly, run_variants, write_seed_table
+from study_tools import (chosen_variants, device_label, over_seeds, plot_seeds, quietly, run_variants,
+                         split_launch_options, train_run, write_seed_table)
 
 VARIANTS = {
     'defaults': (),
@@ -33,7 +36,14 @@ VARIANTS = {
     'device_augment': ('--augment', 'device'),
     'fast': ('--amp', '--channels_last', '--augment', 'device'),
     'channels_last': ('--channels_last',),  # fp32: the memory format alone
+    # twice the global batch over the same images (study_tools.LAUNCH_OPTIONS), with the learning rate
+    # scaled linearly (the README's rule for torchrun) or not, in one process and under torchrun
+    'batch2x': ('--batch_scale', '2', '--lr', '0.2'),
+    'batch2x_lr0.1': ('--batch_scale', '2'),
+    'torchrun2': ('--nproc_per_node', '2', '--lr', '0.2'),
+    'torchrun2_lr0.1': ('--nproc_per_node', '2'),
 }
+SCRIPTS = {'agw': 'AGW/train.py', 'ddag': 'DDAG/train_ddag.py'}
 METHODS = {'agw': ('--method', 'agw'), 'ddag': ('--wpa', '--graph')}
 SELECTED = {'agw': 'fc', 'ddag': 'att'}  # the feature each script picks its best checkpoint by
 FIGURES = {'**mAP** (%)': (lambda result: 100 * result['test']['mAP'], 1),
@@ -79,13 +89,15 @@ def run_variant(name, args):
 
     torch.set_num_threads(args.threads)
     folder = Path(args.out) / name
-    flags = [*METHODS[args.method], *VARIANTS[name]]
+    flags, launch = split_launch_options([*METHODS[args.method], *VARIANTS[name]])
+    batch_size = args.batch_size * launch.get('--batch_scale', 1)
     argv = data_flags(args, args.data_path) + [
-        '--arch', args.arch, '--batch-size', str(args.batch_size), '--epochs', str(args.epochs), '--seed', str(args.seed),
+        '--arch', args.arch, '--batch-size', str(batch_size), '--epochs', str(args.epochs), '--seed', str(args.seed),
         '--model_path', str(folder), '--log_path', str(folder), '--vis_log_path', str(folder / 'vis'), *flags]
     start = time.time()
     try:
-        history = quietly(Path(args.out) / 'logs' / f'{name}.txt', method_train.main, argv)
+        history = train_run(SCRIPTS[args.method], method_train.main, argv, launch.get('--nproc_per_node', 1),
+                            args.threads, Path(args.out) / 'logs' / f'{name}.txt', lambda: next(folder.glob('*.log')))
         judged = judge(name, args)
     except (Exception, SystemExit) as error:  # a failed run stays in the table; its log has the traceback
         return {'name': name, 'flags': flags, 'error': f'{type(error).__name__}: {error}'}
@@ -186,7 +198,7 @@ def main(argv=None):
                      notes=[f'Chance (random distances, same protocol): Rank-1 {100 * rank1:.1f}%, mAP {100 * mAP:.1f}%.'])
     plot_seeds(by_seed, out / 'seeds.png', 'loss', 'training loss', FIGURES['**mAP** (%)'][0],
                f'{SELECTED[args.method].upper()} mAP of the last epoch\'s weights (%)',
-               final_reference=(100 * mAP, 'chance (random distances)'))
+               final_reference=(100 * mAP, 'chance (random distances)'), x_key='epoch')
     print((out / 'seeds.md').read_text())
 
 

@@ -3,7 +3,7 @@
 Each variant is a set of train.py flags on top of the paper's command (--stream two --lr 0.1 --pcc
 --part, SGD, 6 stripes, cl_weight 0.5, cl_temp 0.07, 20 Sinkhorn iterations). Every variant is
 trained at the same size on as many images (a variant with a larger global batch, in one process or
-under torchrun, takes fewer steps: LAUNCH_OPTIONS), then judged by test.py on the held-out test
+under torchrun, takes fewer steps: study_tools.LAUNCH_OPTIONS), then judged by test.py on the held-out test
 identities.
 The folder --out receives:
     results.json     per variant: its flags, the per-epoch training history and the test figures
@@ -22,8 +22,8 @@ import argparse
 import time
 from pathlib import Path
 
-from study_tools import (chosen_variants, device_label, over_seeds, plot_seeds, quietly, read_history, run_variants,
-                         torchrun, write_seed_table)
+from study_tools import (chosen_variants, device_label, over_seeds, plot_seeds, quietly, run_variants,
+                         split_launch_options, train_run, write_seed_table)
 
 # The paper's command, with the paper's choices where train.py's defaults deviate from it (the
 # global-average head input, PCC's gradient in the backbone); each variant adds or overrides flags.
@@ -66,19 +66,13 @@ VARIANTS = {
     'default+fast': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--amp', '--channels_last', '--augment', 'device'),
     'default+onestream+fast': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--stream', 'one', '--amp',
                                '--channels_last', '--augment', 'device'),
-    # twice the global batch over the same images (see LAUNCH_OPTIONS), with the learning rate scaled
+    # twice the global batch over the same images (study_tools.LAUNCH_OPTIONS), with the learning rate scaled
     # linearly (the README's rule for torchrun) or not, in one process and under torchrun
     'default+batch2x': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '2', '--lr', '0.2'),
     'default+batch2x_lr0.1': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '2'),
     'default+torchrun2': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--nproc_per_node', '2', '--lr', '0.2'),
     'default+torchrun2_lr0.1': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--nproc_per_node', '2'),
 }
-# Options of a variant that are the study's, not train.py's: how the run is launched. Both keep the
-# images of an epoch (and so of the run) those of the study's setting:
-#   --batch_scale K       K times the study's --batch-size in one process, K times fewer steps an epoch
-#   --nproc_per_node N    under torchrun with N processes (gloo on the CPU; --threads shared among them),
-#                         each with the study's --batch-size and N times fewer steps an epoch
-LAUNCH_OPTIONS = ('--batch_scale', '--nproc_per_node')
 
 
 def get_args_parser():
@@ -103,18 +97,10 @@ def get_args_parser():
     return parser
 
 
-def launch_options(name):
-    """{option: integer} of the LAUNCH_OPTIONS a variant names."""
-    extra = VARIANTS[name]
-    return {flag: int(value) for flag, value in zip(extra, extra[1:]) if flag in LAUNCH_OPTIONS}
-
-
 def variant_flags(name):
     """train.py flags of a variant: the paper's command with the variant's changes ('--no_pcc' drops PCC;
-    the LAUNCH_OPTIONS and their values are left out)."""
-    extra = list(VARIANTS[name])
-    for option in launch_options(name):
-        del extra[extra.index(option):extra.index(option) + 2]
+    the study's LAUNCH_OPTIONS are left out)."""
+    extra, _ = split_launch_options(VARIANTS[name])
     flags = list(PAPER)
     if '--no_pcc' in extra:
         flags = flags[:flags.index('--pcc')] + flags[flags.index('--part') + 1:]
@@ -135,7 +121,7 @@ def run_variant(name, args):
     if args.data_path:
         common += ['--data_path', args.data_path]
     flags = variant_flags(name)
-    launch = launch_options(name)
+    _, launch = split_launch_options(VARIANTS[name])
     batch_scale, processes = launch.get('--batch_scale', 1), launch.get('--nproc_per_node', 1)
     if args.steps_per_epoch % (batch_scale * processes):
         return {'name': name, 'flags': flags, 'error': f'--steps_per_epoch {args.steps_per_epoch} is not a multiple of '
@@ -150,11 +136,8 @@ def run_variant(name, args):
     log_file = Path(args.out) / 'logs' / f'{name}.txt'
     start = time.time()
     try:
-        if processes == 1:
-            history = quietly(log_file, mmgl_train.main, train_argv)
-        else:
-            torchrun('train.py', train_argv, processes, args.threads, log_file)
-            history = read_history(folder / f'{run_name}.log')
+        history = train_run('train.py', mmgl_train.main, train_argv, processes, args.threads, log_file,
+                            lambda: folder / f'{run_name}.log')
         weights = folder / f'{run_name}_epoch_{args.epochs}.t'
         results = quietly(log_file.parent / f'{name}.test.txt', mmgl_test.main, common + ['--resume', str(weights)])
     except (Exception, SystemExit) as error:  # a failed variant stays in the table

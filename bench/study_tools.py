@@ -33,6 +33,36 @@ def quietly(log_file, function, *arguments):
             raise
 
 
+# Options of a variant that are the study's, not the training script's: how the run is launched, with
+# the images of an epoch (and so of the run) left those of the study's setting:
+#   --batch_scale K       K times the study's --batch-size in one process, so K times fewer steps an epoch
+#   --nproc_per_node N    under torchrun with N processes (gloo on the CPU; the study's --threads shared
+#                         among them), each with the study's --batch-size and N times fewer steps an epoch
+LAUNCH_OPTIONS = ('--batch_scale', '--nproc_per_node')
+
+
+def split_launch_options(extra):
+    """(a variant's flags without the LAUNCH_OPTIONS and their values, {option: integer})."""
+    flags, options, rest = [], {}, list(extra)
+    while rest:
+        flag = rest.pop(0)
+        if flag in LAUNCH_OPTIONS:
+            options[flag] = int(rest.pop(0))
+        else:
+            flags.append(flag)
+    return flags, options
+
+
+def train_run(script, main, argv, processes, threads, log_file, run_log):
+    """The per-epoch history of a training script: main(argv) in this process, its console output in
+    log_file; or, with processes > 1, the script under torchrun (its output in log_file), the history
+    read back from the run's own log, run_log (a function that finds it once the run is done)."""
+    if processes == 1:
+        return quietly(log_file, main, argv)
+    torchrun(script, argv, processes, threads, log_file)
+    return read_history(run_log())
+
+
 def torchrun(script, argv, processes, threads, log_file):
     """Run a script of the repository under torchrun with `processes` processes on this machine (gloo on
     the CPU, one GPU each on GPUs), the `threads` torch threads shared among them, its console output in

@@ -15,6 +15,7 @@ sys.path.insert(0, str(REPO_ROOT / 'bench'))
 import finetune_flags_study  # noqa: E402
 import pretext_study  # noqa: E402
 import step_profile  # noqa: E402
+import study_tools  # noqa: E402
 import stream_gap  # noqa: E402
 import test as mmgl_test  # noqa: E402
 import throughput  # noqa: E402
@@ -44,7 +45,8 @@ def test_study_variants_are_the_papers_command_with_their_changes():
 def test_study_variants_with_a_larger_global_batch_keep_the_images_of_an_epoch(tmp_path, sysu_preprocessed):
     """--batch_scale K: K times the batch in this process; --nproc_per_node N: N processes under torchrun,
     figures read back from the log; both with K (N) times fewer steps an epoch, judged by test.py."""
-    assert pretext_study.launch_options('default+torchrun2') == {'--nproc_per_node': 2}
+    assert study_tools.split_launch_options(pretext_study.VARIANTS['default+torchrun2']) == (
+        ['--perm_input', 'parts', '--pcc_grad', 'heads', '--lr', '0.2'], {'--nproc_per_node': 2})
     assert pretext_study.variant_flags('default+batch2x') == pretext_study.variant_flags('default') + ['--lr', '0.2']
     args = pretext_study.get_args_parser().parse_args(
         ['--out', str(tmp_path), '--data_path', str(sysu_preprocessed), '--arch', 'resnet18', '--img_h', '48',
@@ -116,6 +118,26 @@ def test_seed_study_runs_each_seed_apart_and_tabulates_the_spread_and_the_paired
     assert (tmp_path / 'seeds.png').stat().st_size > 0
     with pytest.raises(SystemExit, match='--seeds'):
         pretext_study.main(['--out', str(tmp_path), '--seeds', '0,one'])
+
+
+def test_finetune_flags_study_runs_a_larger_global_batch_in_one_process_and_under_torchrun(tmp_path, sysu_preprocessed):
+    args = finetune_flags_study.get_args_parser().parse_args(
+        ['--method', 'agw', '--out', str(tmp_path), '--data_path', str(sysu_preprocessed), '--img_h', '48',
+         '--img_w', '24', '--batch-size', '2', '--epochs', '1', '--threads', '2'])
+    args.seen_path = str(finetune_flags_study.training_ids_view(sysu_preprocessed, tmp_path / 'training_ids'))
+    threads = torch.get_num_threads()
+    try:
+        results = {name: finetune_flags_study.run_variant(name, args) for name in ('batch2x', 'torchrun2')}
+    finally:
+        torch.set_num_threads(threads)
+    for name, result in results.items():
+        assert 'error' not in result, result['error']
+        assert result['flags'] == ['--method', 'agw', '--lr', '0.2']
+        assert len(result['history']) == 1 and result['history'][0]['loss'] > 0 and 0 < result['test']['mAP'] <= 1
+    in_one_process, = (tmp_path / 'batch2x').glob('*.log')
+    assert "'batch_size': 4," in in_one_process.read_text()
+    under_torchrun = next((tmp_path / 'torchrun2').glob('*.log')).read_text()
+    assert "'batch_size': 2," in under_torchrun and 'the 2 processes end with the same weights' in under_torchrun
 
 
 @pytest.mark.parametrize('method', ['agw', 'ddag'])
