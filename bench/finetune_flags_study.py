@@ -42,6 +42,7 @@ VARIANTS = {
     'batch2x_lr0.1': ('--batch_scale', '2'),
     'torchrun2': ('--nproc_per_node', '2', '--lr', '0.2'),
     'torchrun2_lr0.1': ('--nproc_per_node', '2'),
+    'batch4x': ('--batch_scale', '4', '--lr', '0.4'),
 }
 SCRIPTS = {'agw': 'AGW/train.py', 'ddag': 'DDAG/train_ddag.py'}
 METHODS = {'agw': ('--method', 'agw'), 'ddag': ('--wpa', '--graph')}

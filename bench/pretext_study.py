@@ -72,6 +72,7 @@ VARIANTS = {
     'default+batch2x_lr0.1': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '2'),
     'default+torchrun2': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--nproc_per_node', '2', '--lr', '0.2'),
     'default+torchrun2_lr0.1': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--nproc_per_node', '2'),
+    'default+batch4x': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '4', '--lr', '0.4'),
 }
 
 
