@@ -27,12 +27,17 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Call `main()`; turn a UserError into one line on stderr and exit status 2."""
+    """Call `main()`; turn a UserError into one line on stderr and exit status 2. Under torchrun, leave
+    the process group before the interpreter exits: a gloo group torn down at exit can abort the
+    process after a run that ended well ('terminate called without an active exception')."""
     try:
         main()
     except UserError as error:
         print(f'error: {error}', file=sys.stderr)
         sys.exit(2)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- devices and seeds
