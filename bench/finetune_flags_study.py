@@ -199,7 +199,7 @@ def main(argv=None):
                      notes=[f'Chance (random distances, same protocol): Rank-1 {100 * rank1:.1f}%, mAP {100 * mAP:.1f}%.'])
     plot_seeds(by_seed, out / 'seeds.png', 'loss', 'training loss', FIGURES['**mAP** (%)'][0],
                f'{SELECTED[args.method].upper()} mAP of the last epoch\'s weights (%)',
-               final_reference=(100 * mAP, 'chance (random distances)'), x_key='epoch')
+               final_reference=(100 * mAP, 'chance (random distances)'))
     print((out / 'seeds.md').read_text())
 
 

@@ -121,8 +121,7 @@ def run_variant(name, args):
               '--workers', str(args.workers), '--seed', str(args.seed), '--gpu', args.gpu]
     if args.data_path:
         common += ['--data_path', args.data_path]
-    flags = variant_flags(name)
-    _, launch = split_launch_options(VARIANTS[name])
+    flags, launch = variant_flags(name), split_launch_options(VARIANTS[name])[1]
     batch_scale, processes = launch.get('--batch_scale', 1), launch.get('--nproc_per_node', 1)
     if args.steps_per_epoch % (batch_scale * processes):
         return {'name': name, 'flags': flags, 'error': f'--steps_per_epoch {args.steps_per_epoch} is not a multiple of '
@@ -233,7 +232,7 @@ def main(argv=None):
         write_seed_table(by_seed, out / 'seeds.md', setting + f'seeds {args.seeds}, on {device_label(args)}',
                          SEED_FIGURES)
         plot_seeds(by_seed, out / 'seeds.png', 'perm_exact', 'exact permutation accuracy (train)',
-                   SEED_FIGURES['**test exact** (%)'][0], 'test exact on the held-out identities (%)', x_key='epoch')
+                   SEED_FIGURES['**test exact** (%)'][0], 'test exact on the held-out identities (%)')
         print((out / 'seeds.md').read_text())
 
 

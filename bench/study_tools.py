@@ -212,11 +212,11 @@ def write_seed_table(by_seed, path, setting, figures, notes=()):
     path.write_text('\n'.join(lines) + '\n')
 
 
-def plot_seeds(by_seed, path, curve_key, curve_title, final, final_title, final_reference=None, x_key='steps'):
-    """Left: each variant's history[curve_key] against history[x_key] ('steps', the training steps, or
-    'epoch'), the mean over the seeds with the lowest and highest seed as a band; right: final(result),
-    one dot per seed, the mean as a bar, and final_reference, a (value, label) pair such as a chance
-    level, as a dashed line."""
+def plot_seeds(by_seed, path, curve_key, curve_title, final, final_title, final_reference=None):
+    """Left: each variant's history[curve_key] against the epochs trained (the same images for every
+    variant, whatever its batch), the mean over the seeds with the lowest and highest seed as a band;
+    right: final(result), one dot per seed, the mean as a bar, and final_reference, a (value, label)
+    pair such as a chance level, as a dashed line."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -231,16 +231,16 @@ def plot_seeds(by_seed, path, curve_key, curve_title, final, final_title, final_
             continue
         colour = colours[index % 10]
         length = min(len(result['history']) for result in results)
-        steps = [epoch[x_key] + (x_key == 'epoch') for epoch in results[0]['history'][:length]]  # epochs trained
+        epochs = [epoch['epoch'] + 1 for epoch in results[0]['history'][:length]]
         values = [[result['history'][epoch][curve_key] for result in results] for epoch in range(length)]
-        curves.plot(steps, [sum(epoch) / len(epoch) for epoch in values], color=colour, label=name)
-        curves.fill_between(steps, [min(epoch) for epoch in values], [max(epoch) for epoch in values],
+        curves.plot(epochs, [sum(epoch) / len(epoch) for epoch in values], color=colour, label=name)
+        curves.fill_between(epochs, [min(epoch) for epoch in values], [max(epoch) for epoch in values],
                             color=colour, alpha=0.15)
         finals = [final(result) for result in results]
         dots.scatter([index] * len(finals), finals, color=colour)
         dots.hlines(sum(finals) / len(finals), index - 0.25, index + 0.25, color=colour)
     curves.set_title(f'{curve_title}: mean and range over {len(seeds)} seeds', fontsize=10)
-    curves.set_xlabel({'steps': 'training steps', 'epoch': 'epochs'}[x_key])
+    curves.set_xlabel('epochs')
     curves.legend(fontsize=8)
     if final_reference is not None:
         dots.axhline(final_reference[0], color='black', linestyle='--', linewidth=0.8, label=final_reference[1])
