@@ -186,6 +186,9 @@ def start_run(args, name, title, state_file='', pretrained_file=''):
     device = utils.select_device(args.gpu, local_rank)
     if args.sync_bn and world_size > 1 and device.type != 'cuda':
         raise utils.UserError('--sync_bn needs GPUs (SyncBatchNorm has no CPU implementation): drop it on the CPU.')
+    if args.ghost_bn < 1 or (args.ghost_bn > 1 and args.sync_bn):
+        raise utils.UserError(f'--ghost_bn must be at least 1 and cannot go with --sync_bn, got --ghost_bn {args.ghost_bn}'
+                              f'{" --sync_bn" if args.sync_bn else ""}.')
     utils.set_seed(args.seed)
     if rank != 0:
         dist.barrier()  # process 0 prepares the data first (it may generate the synthetic set)
@@ -265,6 +268,66 @@ def restart_from_checkpoint(path, args, shape_flags, **objects):
             raise utils.UserError(f'{path} does not fit this run ({name}): {error}')
     utils.set_rng_state(state['rng'])
     return state['epoch']
+
+
+class GhostBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose batch statistics are those of `groups` interleaved groups of the batch (image
+    i in group i % groups, so each group holds 1/groups of each modality of a concatenated batch): the
+    statistics `groups` processes without --sync_bn would each compute over their share (Hoffer et al.,
+    2017, "ghost batch norm"). It shares the parameters and buffers of the batch norm it replaces, so
+    the state dict keeps its keys; the running statistics move towards the mean of the groups'; in
+    evaluation it is that batch norm. Input (N, C, ...), N a multiple of groups while training."""
+
+    def __init__(self, batch_norm, groups):
+        super().__init__(batch_norm.num_features, batch_norm.eps, batch_norm.momentum, batch_norm.affine,
+                         batch_norm.track_running_stats)
+        self.groups = groups
+        self.weight, self.bias = batch_norm.weight, batch_norm.bias
+        self.running_mean, self.running_var = batch_norm.running_mean, batch_norm.running_var
+        self.num_batches_tracked = batch_norm.num_batches_tracked
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f'expected an input of at least 2 dimensions (N, C, ...), got {input.dim()}')
+
+    def forward(self, x):
+        if not self.training and self.running_mean is not None:
+            return super().forward(x)
+        batch = x.shape[0]
+        if batch % self.groups:
+            raise utils.UserError(f'--ghost_bn {self.groups}: a batch norm got {batch} images, which do not split into '
+                                  f'{self.groups} equal groups; choose a number that divides the images of each '
+                                  'modality in a batch.')
+        tracking = self.training and self.running_mean is not None
+        momentum = 0.0
+        if tracking:
+            self.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+
+        def per_group(tensor):
+            return None if tensor is None else tensor.repeat(self.groups)
+        running_mean, running_var = per_group(self.running_mean), per_group(self.running_var)
+        # Image i = j * groups + g: (N / groups, groups * C, ...) makes each (group, channel) a channel.
+        grouped = x.reshape(batch // self.groups, self.groups * self.num_features, *x.shape[2:])
+        normalised = torch.nn.functional.batch_norm(grouped, running_mean, running_var, per_group(self.weight),
+                                                    per_group(self.bias), True, momentum, self.eps)
+        if tracking:  # the update is linear in the statistics: the mean of the groups' updates
+            with torch.no_grad():
+                self.running_mean.copy_(running_mean.view(self.groups, -1).mean(0))
+                self.running_var.copy_(running_var.view(self.groups, -1).mean(0))
+        normalised = normalised.reshape(x.shape)
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            normalised = normalised.contiguous(memory_format=torch.channels_last)
+        return normalised
+
+
+def ghost_batchnorm(module, groups):
+    """module with every batch norm in it replaced, in place, by a GhostBatchNorm of `groups` groups."""
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        return GhostBatchNorm(module, groups)
+    for name, child in module.named_children():
+        module.add_module(name, ghost_batchnorm(child, groups))
+    return module
 
 
 def compile_network(network, mode):
@@ -361,7 +424,8 @@ def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), en
     script's evaluation and weight files, which it writes on process 0 only; it may add to stats),
     the epoch's tensorboardX scalars, then <run>_state.t with model, optimizer, the gradient scaler
     and `objects`. With run.state_file the run continues from it; shape_flags are the flags it must
-    share. With --channels_last the weights are kept channels-last; under torchrun the step gets the
+    share. With --channels_last the weights are kept channels-last; with --ghost_bn K every batch norm
+    trains on the statistics of K groups of the batch (GhostBatchNorm); under torchrun the step gets the
     model wrapped in DistributedDataParallel (with --sync_bn, synchronised batch norm first; say
     unused_parameters when some parameters take no part in the loss), and the processes must end
     with equal weights. With --compile the step gets the network through torch.compile.
@@ -378,6 +442,8 @@ def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), en
         logger.info(f'nothing to do: the run already has {start_epoch} epochs (--epochs {args.epochs})')
     if args.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimiser keeps its parameters
+    if args.ghost_bn > 1:
+        ghost_batchnorm(model, args.ghost_bn)  # in place, the same parameters and buffers
     trained = model
     if run.distributed:
         if args.sync_bn:

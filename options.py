@@ -67,4 +67,7 @@ def training_flags():
                             'in torch\'s default mode or the one named: reduce-overhead adds CUDA graphs, which '
                             'spare the host its per-operator work on GPUs')
     speed.add_argument('--sync_bn', action='store_true', help='under torchrun: batch norm statistics over every GPU')
+    speed.add_argument('--ghost_bn', default=1, type=int, metavar='K',
+                       help='batch norm statistics over K interleaved groups of each batch while training, as K '
+                            'processes without --sync_bn compute them (a K-GPU run on one GPU)')
     return parser

@@ -43,6 +43,9 @@ VARIANTS = {
     'torchrun2': ('--nproc_per_node', '2', '--lr', '0.2'),
     'torchrun2_lr0.1': ('--nproc_per_node', '2'),
     'batch4x': ('--batch_scale', '4', '--lr', '0.4'),
+    # ... with batch norm over groups of the study's batch, as each of torchrun's processes has it
+    'batch2x_ghostbn2': ('--batch_scale', '2', '--lr', '0.2', '--ghost_bn', '2'),
+    'batch4x_ghostbn4': ('--batch_scale', '4', '--lr', '0.4', '--ghost_bn', '4'),
 }
 SCRIPTS = {'agw': 'AGW/train.py', 'ddag': 'DDAG/train_ddag.py'}
 METHODS = {'agw': ('--method', 'agw'), 'ddag': ('--wpa', '--graph')}

@@ -239,3 +239,64 @@ def test_an_unknown_compile_mode_is_refused():
     with pytest.raises(SystemExit) as refused:
         mmgl_train.get_args_parser().parse_args(['--compile', 'fastest'])
     assert refused.value.code == 2
+
+
+@pytest.mark.parametrize('shape, momentum', [((8, 5, 3, 2), 0.1), ((12, 5), None), ((6, 4, 3), 0.3)])
+def test_ghost_batch_norm_normalises_each_interleaved_group_as_a_batch_norm_of_its_own(shape, momentum):
+    groups = 2 if shape[0] == 8 else 3
+    plain = {2: torch.nn.BatchNorm2d, 1: torch.nn.BatchNorm1d}.get(len(shape) - 2, torch.nn.BatchNorm1d)(
+        shape[1], momentum=momentum)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 2)
+        plain.bias.uniform_(-1, 1)
+    separate = [type(plain)(shape[1], momentum=momentum) for _ in range(groups)]
+    for copy in separate:
+        copy.load_state_dict(plain.state_dict())
+    ghost = engine.GhostBatchNorm(plain, groups)
+    assert ghost.weight is plain.weight and ghost.running_var is plain.running_var
+    images = torch.randn(*shape) * 3 + 1
+    for _ in range(2):  # twice, for the running statistics' update from the second step on
+        out = ghost(images)
+        for group, copy in enumerate(separate):
+            torch.testing.assert_close(out[group::groups], copy(images[group::groups]))
+    for name in ('running_mean', 'running_var'):
+        expected = torch.stack([getattr(copy, name) for copy in separate]).mean(0)
+        torch.testing.assert_close(getattr(plain, name), expected)
+    assert int(plain.num_batches_tracked) == 2
+    out.sum().backward()  # the gradient reaches the shared parameters
+    assert plain.weight.grad is not None and plain.bias.grad.abs().sum() > 0
+    ghost.eval()
+    torch.testing.assert_close(ghost(images), plain.eval()(images))
+    with pytest.raises(utils.UserError, match='--ghost_bn 2: a batch norm got 3 images'):
+        engine.GhostBatchNorm(torch.nn.BatchNorm1d(5), 2)(torch.randn(3, 5))
+
+
+def test_a_network_with_ghost_batch_norm_computes_what_each_process_of_a_torchrun_run_would():
+    """MMGL with --ghost_bn 2 on 4+4 images: the outputs of images 0 and 2 of each modality are those
+    of the plain network on those images alone (one process's share under torchrun), and the state
+    dict keeps its keys and tensors."""
+    torch.manual_seed(0)
+    network = MMGLNet('resnet18', part=True, perm_input='parts', perm_bn=True)
+    per_process = MMGLNet('resnet18', part=True, perm_input='parts', perm_bn=True)
+    per_process.load_state_dict(network.state_dict())
+    keys_and_tensors = {key: value.data_ptr() for key, value in network.state_dict().items()}
+    engine.ghost_batchnorm(network, 2)
+    assert {key: value.data_ptr() for key, value in network.state_dict().items()} == keys_and_tensors
+    assert sum(isinstance(module, engine.GhostBatchNorm) for module in network.modules()) > 20
+    visible, thermal = torch.randn(4, 3, 48, 24), torch.randn(4, 3, 48, 24)
+    together = network(visible, thermal)
+    for group in (0, 1):
+        alone = per_process(visible[group::2], thermal[group::2])
+        for name, value in alone.items():
+            torch.testing.assert_close(together[name][group::2], value, atol=1e-4, rtol=1e-4)
+
+
+def test_ghost_batch_norm_reaches_the_run_and_refuses_what_it_cannot_do(tmp_path, sysu_preprocessed):
+    flags = ('--arch', 'resnet18', '--steps_per_epoch', '1', '--epochs', '1')
+    mmgl_train.main(run_args(tmp_path, sysu_preprocessed, *flags, '--batch-size', '4', '--ghost_bn', '2'))
+    assert "'ghost_bn': 2" in (tmp_path / 'log' / 'synthetic_mmgl_two_resnet18_s6_lr_0.1_seed_0.log').read_text()
+    with pytest.raises(utils.UserError, match='a batch norm got 3 images, which do not split into 2 equal groups'):
+        mmgl_train.main(run_args(tmp_path / 'odd', sysu_preprocessed, *flags, '--batch-size', '3', '--ghost_bn', '2'))
+    for bad in (('--ghost_bn', '0'), ('--ghost_bn', '2', '--sync_bn')):
+        with pytest.raises(utils.UserError, match='--ghost_bn must be at least 1 and cannot go with --sync_bn'):
+            mmgl_train.main(run_args(tmp_path / 'bad', sysu_preprocessed, *flags, *bad))
