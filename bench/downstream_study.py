@@ -111,7 +111,7 @@ def main(argv=None):
         return ', '.join(f'{feature} Rank-1 {100 * scores["rank1"]:.2f}% mAP {100 * scores["mAP"]:.2f}%'
                          for feature, scores in result['scores'].items())
 
-    results = run_variants(run, names, args, [RANDOM, *PRETRAINING], summary)
+    results = run_variants(run, names, [(args.seed, args)], [RANDOM, *PRETRAINING], summary)[args.seed]
     setting = (f'AGW fine-tuning of {args.arch} at {args.img_h}x{args.img_w} for {args.finetune_epochs} epochs '
                f'(lr 0.1, {args.finetune_batch} ids x 4 + 4 images); MMGL pre-training {args.pretrain_epochs} epochs x '
                f'{args.pretrain_steps} steps of 8+8 images; {args.data_path}; 10 gallery trials averaged; '

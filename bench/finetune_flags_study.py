@@ -189,8 +189,7 @@ def main(argv=None):
         return (f'mAP {100 * result["test"]["mAP"]:.1f}% held-out, {100 * result["seen"]["mAP"]:.1f}% training '
                 f'identities, last training loss {result["history"][-1]["loss"]:.3f}')
 
-    by_seed = {seed: run_variants(run_variant, names, seed_args, list(VARIANTS), summary)
-               for seed, seed_args in seed_runs}
+    by_seed = run_variants(run_variant, names, seed_runs, list(VARIANTS), summary)
     method = ' '.join(METHODS[args.method])
     setting = (f'{args.method.upper()} ({method}) fine-tuned from random weights, {args.arch} {args.img_h}x{args.img_w}, '
                f'{args.batch_size} ids x 4 + 4 images, {args.epochs} epochs, {args.data_path or "synthetic"}, '

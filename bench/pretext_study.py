@@ -224,9 +224,8 @@ def main(argv=None):
     setting = (f'{args.arch}, {args.img_h}x{args.img_w}, batch {args.batch_size}+{args.batch_size}, ' +
                (f'{args.epochs} epochs of {args.steps_per_epoch} steps, ' if args.steps_per_epoch else
                 f'{args.epochs} epochs of one pass over the visible images, ') + f'{args.dataset}, ')
-    by_seed = {}
+    by_seed = run_variants(run_variant, names, seed_runs, list(VARIANTS), summary)
     for seed, seed_args in seed_runs:
-        by_seed[seed] = run_variants(run_variant, names, seed_args, list(VARIANTS), summary)
         seed_out = Path(seed_args.out)
         write_table(by_seed[seed], seed_out / 'table.md', setting + f'seed {seed}, on {device_label(args)}')
         plot_curves(by_seed[seed], seed_out / 'curves.png')

@@ -101,27 +101,33 @@ def read_history(log_file):
     return history
 
 
-def run_variants(run, names, args, order, summary):
-    """Results of `names` (dicts with a 'name', and an 'error' for a failed run), in that order.
+def run_variants(run, names, seed_runs, order, summary):
+    """{seed: results of `names` (dicts with a 'name', and an 'error' for a failed run), in that order}
+    for each (seed, args) of seed_runs (over_seeds).
 
-    Names already in <args.out>/results.json without an error are taken from it; the others run as
-    run(name, args), args.jobs at a time in spawned processes. results.json is rewritten after
-    every run with everything known so far, in the order of `order`; summary(result) is printed
-    for each new result.
+    Names already in a seed's <args.out>/results.json without an error are taken from it; the others,
+    of every seed, run as run(name, args) in one pool, args.jobs at a time in spawned processes (so a
+    study that adds one variant to several seeds keeps every job busy). A seed's results.json is
+    rewritten after each of its runs with everything known so far, in the order of `order`;
+    summary(result) is printed for each new result.
     """
-    results_file = Path(args.out) / 'results.json'
-    results_file.parent.mkdir(parents=True, exist_ok=True)
-    done = {result['name']: result for result in json.loads(results_file.read_text())} if results_file.is_file() else {}
-    todo = [name for name in names if name not in done or 'error' in done[name]]
-    print(f'{len(todo)} run(s) to do, {len(names) - len(todo)} already in {results_file}', flush=True)
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context('spawn')) as pool:
-        futures = {name: pool.submit(run, name, args) for name in todo}
-        for name, future in futures.items():
-            done[name] = future.result()
-            print(f'{name}: {done[name].get("error") or summary(done[name])}', flush=True)
-            known = [key for key in order if key in done] + [key for key in done if key not in order]
-            results_file.write_text(json.dumps([done[key] for key in known], indent=1))
-    return [done[name] for name in names]
+    done, futures = {}, {}
+    with ProcessPoolExecutor(max_workers=seed_runs[0][1].jobs, mp_context=get_context('spawn')) as pool:
+        for seed, args in seed_runs:
+            results_file = Path(args.out) / 'results.json'
+            results_file.parent.mkdir(parents=True, exist_ok=True)
+            known = json.loads(results_file.read_text()) if results_file.is_file() else []
+            done[seed] = {result['name']: result for result in known}
+            todo = [name for name in names if name not in done[seed] or 'error' in done[seed][name]]
+            print(f'{len(todo)} run(s) to do, {len(names) - len(todo)} already in {results_file}', flush=True)
+            futures.update({(seed, name): (results_file, pool.submit(run, name, args)) for name in todo})
+        for (seed, name), (results_file, future) in futures.items():
+            result = done[seed][name] = future.result()
+            print(f'{name}{f" (seed {seed})" if len(seed_runs) > 1 else ""}: {result.get("error") or summary(result)}',
+                  flush=True)
+            ordered = [key for key in order if key in done[seed]] + [key for key in done[seed] if key not in order]
+            results_file.write_text(json.dumps([done[seed][key] for key in ordered], indent=1))
+    return {seed: [done[seed][name] for name in names] for seed, _ in seed_runs}
 
 
 def chosen_variants(text, variants):

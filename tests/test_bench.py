@@ -1,6 +1,8 @@
 """The scripts in bench/: study variants and tables, the throughput table and step profile, the stream-gap
 diagnosis (no training here; the scripts' runs are measurements)."""
+import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -84,24 +86,46 @@ def test_study_table_keeps_failed_variants(tmp_path):
     assert (tmp_path / 'curves.png').stat().st_size > 0
 
 
+def recorded_run(name, args):  # at module level, for the spawned workers to import
+    return {'name': name, 'seed': args.seed, 'pid': os.getpid()}
+
+
+def test_run_variants_runs_what_every_seed_lacks_in_one_pool_and_keeps_what_it_has(tmp_path):
+    seed_runs = study_tools.over_seeds(argparse.Namespace(seeds='0,1', seed=0, out=str(tmp_path), jobs=2))
+    (tmp_path / 'seed0').mkdir()
+    (tmp_path / 'seed0' / 'results.json').write_text(json.dumps([{'name': 'a', 'kept': True},
+                                                                  {'name': 'b', 'error': 'RuntimeError: boom'}]))
+    by_seed = study_tools.run_variants(recorded_run, ['a', 'b'], seed_runs, ['b', 'a'], lambda result: 'ran')
+    assert by_seed[0][0] == {'name': 'a', 'kept': True}  # kept; the failed run is run again
+    new = [by_seed[0][1], *by_seed[1]]
+    assert [(result['name'], result['seed']) for result in new] == [('b', 0), ('a', 1), ('b', 1)]
+    assert len({result['pid'] for result in new}) <= 2  # one pool of 2 workers for both seeds
+    for seed in (0, 1):  # each seed's file in the study's order
+        assert [result['name'] for result in json.loads((tmp_path / f'seed{seed}' / 'results.json').read_text())] == ['b', 'a']
+
+
 def test_seed_study_runs_each_seed_apart_and_tabulates_the_spread_and_the_paired_differences(tmp_path, monkeypatch):
     test_exact = {('default', 0): 0.30, ('default', 1): 0.40, ('default+amp', 0): 0.20, ('default+amp', 1): 0.40,
                   ('default+device_augment', 0): 0.35}
     calls = []
 
-    def fake_run_variants(run, names, args, order, summary):  # what the workers would return, without training
-        calls.append((args.seed, args.out))
-        Path(args.out).mkdir(parents=True)
-        results = []
-        for name in names:
-            if (name, args.seed) not in test_exact:
-                results.append({'name': name, 'flags': pretext_study.variant_flags(name), 'error': 'RuntimeError: boom'})
-                continue
-            epoch = {'epoch': 0, 'steps': 40, 'perm_exact': test_exact[name, args.seed] + 0.1, 'perm_stripe': 0.5, 'pcc_loss': 1.0}
-            results.append({'name': name, 'flags': pretext_study.variant_flags(name), 'history': [epoch],
-                            'test': {'perm_exact': test_exact[name, args.seed], 'perm_stripe': 0.6, 'rank1': 0.1,
-                                     'mAP': 0.2}, 'seconds': 60})
-        return results
+    def fake_run_variants(run, names, seed_runs, order, summary):  # what the workers would return, without training
+        by_seed = {}
+        for seed, args in seed_runs:
+            calls.append((args.seed, args.out))
+            Path(args.out).mkdir(parents=True)
+            by_seed[seed] = []
+            for name in names:
+                if (name, seed) not in test_exact:
+                    by_seed[seed].append({'name': name, 'flags': pretext_study.variant_flags(name),
+                                          'error': 'RuntimeError: boom'})
+                    continue
+                epoch = {'epoch': 0, 'steps': 40, 'perm_exact': test_exact[name, seed] + 0.1, 'perm_stripe': 0.5,
+                         'pcc_loss': 1.0}
+                by_seed[seed].append({'name': name, 'flags': pretext_study.variant_flags(name), 'history': [epoch],
+                                      'test': {'perm_exact': test_exact[name, seed], 'perm_stripe': 0.6, 'rank1': 0.1,
+                                               'mAP': 0.2}, 'seconds': 60})
+        return by_seed
 
     monkeypatch.setattr(pretext_study, 'run_variants', fake_run_variants)
     monkeypatch.setattr(data_loader, 'prepare_dataset', lambda *arguments, **options: None)  # no data needed
