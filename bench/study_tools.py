@@ -79,22 +79,24 @@ def torchrun(script, argv, processes, threads, log_file):
 
 
 # The line engine.fit logs at the end of each epoch.
-EPOCH_LINE = re.compile(r'^epoch (\d+) lr \S+ (.*) \((\d+) steps, [\d.]+ img/s, ([\d:]+)\)$')
+EPOCH_LINE = re.compile(r'^epoch (\d+) lr \S+ (.*) \((\d+) steps, ([\d.]+) img/s, ([\d:]+)\)$')
 
 
 def read_history(log_file):
     """Per-epoch figures of a train.py log, as train.main returns them (only the logged four decimals):
-    a list of dicts with 'epoch', 'steps', 'seconds' and every loss and accuracy of the epoch line."""
+    a list of dicts with 'epoch', 'steps', 'seconds', 'images_per_second' (of all processes) and every loss
+    and accuracy of the epoch line."""
     history, steps = [], 0
     for line in Path(log_file).read_text().splitlines():
         match = EPOCH_LINE.match(line)
         if match is None:
             continue
-        epoch, figures, epoch_steps, clock = match.groups()
+        epoch, figures, epoch_steps, images_per_second, clock = match.groups()
         names_and_values = figures.split()
         steps += int(epoch_steps)
         seconds = sum(int(part) * 60 ** power for power, part in enumerate(reversed(clock.split(':'))))
         history.append({'epoch': int(epoch), 'steps': steps, 'seconds': seconds,
+                        'images_per_second': float(images_per_second),
                         **{name: float(value) for name, value in zip(names_and_values[::2], names_and_values[1::2])}})
     if not history:
         raise ValueError(f'{log_file} has no epoch lines: is it the log of a train.py run?')

@@ -5,6 +5,8 @@ of whole train.py epochs with the loader (and with the augmentation on the devic
     python bench/throughput.py                                       # GPU: 288x144, batch 32+32
     python bench/throughput.py --methods mmgl --batch 32,64,128      # MMGL at larger batches
     python bench/throughput.py --loader_only --workers 2             # can the loader keep up?
+    python bench/throughput.py --methods mmgl --nproc_per_node 4 --epoch_flags='--amp --channels_last --augment device'
+                                                                     # scaling over 4 GPUs
     python bench/throughput.py --img_h 96 --img_w 48 --batch 8 --arch resnet18 --epoch_steps 10   # CPU
 
 The step figures time the scripts' own steps (train.make_step, AGW's make_step, DDAG's DDAGLoss)
@@ -16,7 +18,9 @@ batch norm and elementwise work uncounted) over its time, to hold against the ca
 loader rows time pre-training's loader on its own (no step), with the augmentation in it and
 without. The epoch
 figures run train.main on the synthetic set (generated on first use), two epochs of --epoch_steps
-steps, and report the second (the first pays for start-up). Prints a Markdown table; --out also writes it to a file.
+steps, and report the second (the first pays for start-up); with --nproc_per_node N they run
+train.py under torchrun with 1 process and with N, and give the speed-up of N, the scaling a
+machine with N GPUs reaches (on the CPU, N gloo processes with the same threads each). Prints a Markdown table; --out also writes it to a file.
 """
 import argparse
 import sys
@@ -41,7 +45,7 @@ from DDAG import train_ddag  # noqa: E402
 from DDAG.ddag_model import build_net as build_ddag  # noqa: E402
 from data_loader import SYSUData, UnpairedSampler, as_uint8_tensor, prepare_dataset, train_transform  # noqa: E402
 from model import ARCHS, MMGLNet  # noqa: E402
-from study_tools import publish  # noqa: E402
+from study_tools import publish, read_history, torchrun  # noqa: E402
 
 PRECISIONS = {'fp32': dict(amp=None, channels_last=False, compile=None),
               'amp': dict(amp='auto', channels_last=False, compile=None),
@@ -92,6 +96,10 @@ def get_args_parser():
     parser.add_argument('--epoch_flags', action='append', type=str.split,
                         help="the train.py flags of one epoch row, in one argument (--epoch_flags='--amp "
                              "--channels_last'; repeat it for more rows); default: every row of EPOCH_FLAGS")
+    parser.add_argument('--nproc_per_node', default=1, type=int,
+                        help='N > 1: the train.py epoch rows run under torchrun, with 1 process and with N (one GPU '
+                             'each, or gloo on the CPU, every process with the same torch threads), and say the '
+                             "speed-up of N; --batch is then each process's")
     parser.add_argument('--gpu', default='0')
     parser.add_argument('--loader_only', action='store_true', help='only the rows of the loader alone')
     parser.add_argument('--compiled_only', action='store_true',
@@ -196,17 +204,26 @@ def time_step(build, step, precision, channels_last, compile_mode, batch, args, 
     return milliseconds, peak, sum('synchroniz' in str(warning.message) for warning in caught)
 
 
-def time_epochs(args, batch, extra_flags):
-    """images/s of the second of two train.py epochs of --epoch_steps steps of batch + batch images on
-    the synthetic set."""
+def time_epochs(args, batch, extra_flags, processes=0):
+    """images/s (of all processes) of the second of two train.py epochs of --epoch_steps steps of batch +
+    batch images a process on the synthetic set: train.main in this process, or with `processes`, under
+    torchrun with that many, each with the torch threads this process has over --nproc_per_node."""
     with tempfile.TemporaryDirectory() as folder:
         data = ['--data_path', args.data_path] if args.data_path else []
         flags = ['--dataset', 'synthetic', *data, '--arch', args.arch, '--img_h', str(args.img_h),
                  '--img_w', str(args.img_w), '--batch-size', str(batch), '--pcc', '--part', '--epochs', '2',
                  '--steps_per_epoch', str(args.epoch_steps), '--workers', str(args.workers), '--gpu', args.gpu,
                  '--model_path', folder, '--log_path', folder, '--vis_log_path', folder, *extra_flags]
-        history = mmgl_train.main(flags)
-    return history[-1]['images_per_second']
+        if not processes:
+            return mmgl_train.main(flags)[-1]['images_per_second']
+        console = Path(folder) / 'console' / 'torchrun.log'
+        threads = max(1, torch.get_num_threads() // args.nproc_per_node) * processes
+        try:
+            torchrun('train.py', flags, processes, threads, console)
+        except RuntimeError as error:  # the folder goes with the error: keep the end of its output
+            raise RuntimeError(f'{error}; its last lines:\n{console.read_text()[-2000:]}') from None
+        run_log, = Path(folder).glob('*.log')
+        return read_history(run_log)[-1]['images_per_second']
 
 
 def time_loader(args, batch, augment, device):
@@ -226,15 +243,21 @@ def time_loader(args, batch, augment, device):
     return images / (time.perf_counter() - start)
 
 
-def images_per_second_row(label, batch, measure):
-    """A table row of the images/s that measure() returns (a failure stays in the table), printed as it comes."""
+def images_per_second_row(label, batch, measure, baseline=None, processes=1):
+    """(a table row of the images/s that measure() returns, printed as it comes, and that figure); a
+    failure stays in the table (figure None). With baseline (the figure of one process), the cell adds
+    the speed-up of `processes` over it and its share of linear."""
+    figure = None
     try:
-        figure = f'{measure():.0f}'
+        figure = measure()
+        cell = f'{figure:.0f}'
     except Exception as error:
-        figure = failure(error)
-    row = f'| {label} | {batch}+{batch} | {figure} |'
+        cell = failure(error)
+    if figure is not None and baseline:
+        cell += f' ({figure / baseline:.2f}x one process, {100 * figure / baseline / processes:.0f}% of linear)'
+    row = f'| {label} | {batch}+{batch} | {cell} |'
     print(row, flush=True)
-    return row
+    return row, figure
 
 
 def failure(error):
@@ -246,6 +269,11 @@ def failure(error):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     device = utils.select_device(args.gpu)
+    if args.nproc_per_node < 1 or (device.type == 'cuda' and args.nproc_per_node > torch.cuda.device_count()):
+        raise utils.UserError(f'--nproc_per_node {args.nproc_per_node}: give a number from 1 to the '
+                              f'{torch.cuda.device_count() if device.type == "cuda" else "CPU"} GPUs or processes '
+                              'this machine can run (one GPU a process).')
+    launches = (1, args.nproc_per_node) if args.nproc_per_node > 1 else (0,)  # 0: in this process
     card = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     lines = [f'{card}, torch {torch.__version__}, {args.arch} {args.img_h}x{args.img_w}', '',
              '| training step | images a step | precision | ms/step | images/s | TFLOP/s | peak GPU memory (GiB) '
@@ -281,13 +309,20 @@ def main(argv=None):
                     print(row, flush=True)
         for batch in args.batch if args.epoch_steps and 'mmgl' in args.methods and not compiled else ():
             for augment in ('loader', 'device'):
-                epoch_rows[batch, augment] = images_per_second_row(
+                epoch_rows[batch, augment], _ = images_per_second_row(
                     f'the loader alone, --augment {augment}', batch, lambda: time_loader(args, batch, augment, device))
         for batch in args.batch if args.epoch_steps and 'mmgl' in args.methods else ():
             for flags in epoch_flags:
-                if ('--compile' in flags) == compiled:
-                    epoch_rows[batch, flags] = images_per_second_row(
-                        ' '.join(flags) or 'defaults', batch, lambda: time_epochs(args, batch, list(flags)))
+                if ('--compile' in flags) != compiled:
+                    continue
+                one_process = None
+                for processes in launches:
+                    label = (' '.join(flags) or 'defaults') + (f', torchrun, {processes} process'
+                                                               f'{"es" if processes > 1 else ""}' if processes else '')
+                    epoch_rows[batch, flags, processes], figure = images_per_second_row(
+                        label, batch, lambda: time_epochs(args, batch, list(flags), processes),
+                        baseline=one_process if processes > 1 else None, processes=processes)
+                    one_process = figure if processes == 1 else one_process
     if not step_rows:
         lines = lines[:1]
     lines += [step_rows[key] for key in sorted(step_rows, key=lambda key: (
@@ -296,11 +331,14 @@ def main(argv=None):
         lines += ['', 'GFLOP per training image (convolutions and matrix products, forward and backward): ' +
                   ', '.join(f'{method} {gflop:.1f} at {batch}+{batch}' for (method, batch), gflop in gflops.items())]
     if epoch_rows:
+        if args.nproc_per_node > 1:
+            lines += ['', 'Under torchrun, images a step are those of each process and images/s those of all.']
         lines += ['', f'| whole train.py epoch of {args.epoch_steps} steps (--pcc --part), or its loader alone '
                       '| images a step | images/s |',
                   '|---|---|---|',
-                  *(epoch_rows[batch, row] for batch in args.batch for row in ('loader', 'device', *epoch_flags)
-                    if (batch, row) in epoch_rows)]
+                  *(epoch_rows[key] for batch in args.batch for row in ('loader', 'device', *epoch_flags)
+                    for key in [(batch, row), *((batch, row, processes) for processes in launches)]
+                    if key in epoch_rows)]
     publish('\n'.join(lines), args.out)
 
 

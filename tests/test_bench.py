@@ -3,6 +3,7 @@ diagnosis (no training here; the scripts' runs are measurements)."""
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -240,6 +241,24 @@ def test_throughput_times_each_method_at_each_batch_and_refuses_unknown_methods(
     assert all(float(row[2][:-2]) > 0 for row in loader_rows)
     with pytest.raises(utils.UserError, match='--methods: unknown agv'):
         throughput.main(['--methods', 'mmgl,agv'])
+
+
+def test_throughput_times_train_py_under_torchrun_with_one_process_and_with_several(tmp_path, sysu_preprocessed):
+    table_file = tmp_path / 'throughput.md'
+    throughput.main(['--arch', 'resnet18', '--img_h', '48', '--img_w', '24', '--batch', '2', '--warmup', '1',
+                     '--steps', '1', '--epoch_steps', '2', '--workers', '0', '--methods', 'mmgl', '--precisions', 'fp32',
+                     '--epoch_flags=', '--nproc_per_node', '2', '--data_path', str(sysu_preprocessed),
+                     '--out', str(table_file)])
+    rows = {row.split(' | ')[0]: row.split(' | ')[2] for row in table_file.read_text().splitlines()
+            if row.startswith('| defaults')}
+    assert list(rows) == ['| defaults, torchrun, 1 process', '| defaults, torchrun, 2 processes']
+    one, two = (float(cell.split()[0]) for cell in rows.values())
+    assert one > 0 and two > 0
+    speed_up, share = re.search(r'\((\S+)x one process, (\d+)% of linear\)', rows['| defaults, torchrun, 2 processes']).groups()
+    assert float(speed_up) == pytest.approx(two / one, rel=0.1)  # the cells' figures are rounded
+    assert int(share) == pytest.approx(50 * float(speed_up), abs=1)
+    with pytest.raises(utils.UserError, match='--nproc_per_node 0: give a number from 1'):
+        throughput.main(['--nproc_per_node', '0'])
 
 
 def test_flops_per_image_count_the_backward_pass_and_not_the_batch():
