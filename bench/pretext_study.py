@@ -73,8 +73,9 @@ VARIANTS = {
     'default+torchrun2': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--nproc_per_node', '2', '--lr', '0.2'),
     'default+torchrun2_lr0.1': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--nproc_per_node', '2'),
     'default+batch4x': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '4', '--lr', '0.4'),
-    # ... four times the batch at twice the rate (the square-root rule): is 0.4 too high, or 100 steps too few?
+    # ... four times the batch at the square-root rule's rate, and at twice the linear rule's
     'default+batch4x_lr0.2': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '4', '--lr', '0.2'),
+    'default+batch4x_lr0.8': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '4', '--lr', '0.8'),
     # ... and in one process with batch norm over two halves of the batch, as each of torchrun's processes has it
     'default+batch2x_ghostbn2': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '2', '--lr', '0.2',
                                  '--ghost_bn', '2'),
