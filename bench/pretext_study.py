@@ -76,6 +76,8 @@ VARIANTS = {
     # ... four times the batch at the square-root rule's rate, and at twice the linear rule's
     'default+batch4x_lr0.2': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '4', '--lr', '0.2'),
     'default+batch4x_lr0.8': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '4', '--lr', '0.8'),
+    # ... and the defaults' batch at twice the rate: is the setting starved of learning rate?
+    'default+lr0.2': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--lr', '0.2'),
     # ... and in one process with batch norm over two halves of the batch, as each of torchrun's processes has it
     'default+batch2x_ghostbn2': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '2', '--lr', '0.2',
                                  '--ghost_bn', '2'),
