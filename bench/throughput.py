@@ -315,14 +315,13 @@ def main(argv=None):
             for flags in epoch_flags:
                 if ('--compile' in flags) != compiled:
                     continue
-                one_process = None
+                one_process = None  # the first launch's figure, the baseline of the second
                 for processes in launches:
-                    label = (' '.join(flags) or 'defaults') + (f', torchrun, {processes} process'
-                                                               f'{"es" if processes > 1 else ""}' if processes else '')
+                    launch = {0: '', 1: ', torchrun, 1 process'}.get(processes, f', torchrun, {processes} processes')
                     epoch_rows[batch, flags, processes], figure = images_per_second_row(
-                        label, batch, lambda: time_epochs(args, batch, list(flags), processes),
-                        baseline=one_process if processes > 1 else None, processes=processes)
-                    one_process = figure if processes == 1 else one_process
+                        (' '.join(flags) or 'defaults') + launch, batch,
+                        lambda: time_epochs(args, batch, list(flags), processes), one_process, processes)
+                    one_process = one_process or figure
     if not step_rows:
         lines = lines[:1]
     lines += [step_rows[key] for key in sorted(step_rows, key=lambda key: (
