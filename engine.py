@@ -60,18 +60,32 @@ STATE_KEYS = ('model', 'optimizer', 'epoch', 'rng', 'args')
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
+def native_bfloat16(device):
+    """Whether device computes in bfloat16 natively: NVIDIA GPUs from Ampere (compute capability 8) on,
+    ROCm GPUs, and CPUs on which oneDNN runs bfloat16 (AVX-512 on x86; the test PyTorch's compiler
+    makes). torch.cuda.is_bf16_supported() would not do: it also says yes for GPUs that only emulate
+    bfloat16 (the paper's 2080Ti), where float16 runs on the tensor cores and bfloat16 does not."""
+    if device.type == 'cuda':
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def autocast_dtype(amp, device):
     """The autocast dtype of --amp on device: None without --amp (float32); with --amp alone
-    ('auto') bfloat16 where the device computes it natively (the CPU, GPUs from Ampere on, ROCm),
-    else float16. torch.cuda.is_bf16_supported() would not do: it also says yes for GPUs that only
-    emulate bfloat16 (the paper's 2080Ti), where float16 runs on the tensor cores and bfloat16 does
-    not. --amp bf16 or --amp fp16 name the dtype."""
+    ('auto') bfloat16 where the device computes it natively, else float16 on a GPU; a CPU without
+    bfloat16 has no float16 arithmetic either, and there --amp alone is refused (each step would be
+    many times slower than in float32). --amp bf16 or --amp fp16 name the dtype (on a CPU, whatever
+    its arithmetic)."""
     if amp is None:
         return None
-    native_bf16 = device.type != 'cuda' or bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+    native_bf16 = native_bfloat16(device)
+    if amp == 'auto' and device.type != 'cuda' and not native_bf16:
+        raise utils.UserError('--amp: this CPU has no bfloat16 arithmetic (nor float16), so mixed precision '
+                              'would make each training step many times slower than float32 (15 to 21 times on '
+                              'an AVX2 AMD EPYC): leave --amp out, or name the dtype (--amp bf16) to run it anyway.')
     if amp == 'auto':
         amp = 'bf16' if native_bf16 else 'fp16'
-    elif amp == 'bf16' and not native_bf16:
+    elif amp == 'bf16' and not native_bf16 and device.type == 'cuda':
         raise utils.UserError(f'--amp bf16: {torch.cuda.get_device_name(device)} does not compute in bfloat16 '
                               f'natively; use --amp (float16 with gradient scaling on this GPU).')
     return AMP_DTYPES[amp]

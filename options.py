@@ -53,8 +53,9 @@ def training_flags():
     speed = parser.add_argument_group('speed (README, "Speed and several GPUs")')
     speed.add_argument('--amp', nargs='?', const='auto', default=None, choices=AMP_MODES,
                        help='mixed precision, the losses in float32: the network in bfloat16 where the device '
-                            'computes it natively (the CPU, GPUs from Ampere on), else in float16 with gradient '
-                            'scaling (older GPUs such as the paper\'s 2080Ti); --amp bf16 or --amp fp16 name the dtype')
+                            'computes it natively (GPUs from Ampere on, CPUs with AVX-512), else in float16 with '
+                            'gradient scaling on GPUs (older ones such as the paper\'s 2080Ti) and an error on CPUs; '
+                            '--amp bf16 or --amp fp16 name the dtype')
     speed.add_argument('--channels_last', action='store_true', help='channels-last memory format (faster convolutions on GPUs)')
     speed.add_argument('--augment', default='loader', choices=['loader', 'device'],
                        help='where the training augmentation runs: loader, per image with PIL in the loader '
