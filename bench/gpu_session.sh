@@ -1,29 +1,37 @@
 #!/usr/bin/env bash
 # The GPU measurements of the open issues, in stages that fit one device call (at most 10 minutes) on
 # one H100/H200; each stage runs under `timeout`, and a training run stopped by it keeps its last saved
-# weights (every 5 epochs), which test.py judges on the held-out identities.
-#   throughput  bench/throughput.py at full size (ResNet-50, 288x144, batch 32+32), alone on the card:
-#               the three training steps in fp32, --amp, --amp [fp16] --channels_last, and whole train.py
-#               epochs (the --compile rows are the compile stage's)                        150 s
+# weights (every 5 epochs), which test.py judges on the held-out identities. Full size: ResNet-50,
+# 288x144, 32+32 images a step unless said, each stage alone on the card.
+#   precompile  every compiled step row of the compile and batches stages at once, each in its own process
+#               (1 step), so that torch.compile's on-disk caches hold their kernels: a cold ResNet-50
+#               compilation takes about a minute, one from the caches seconds (a ResNet-18 on our CPU:
+#               119 s, then 15 s), and one at a time they did not fit a call            200 s
+#   compile     the three training steps at 32+32, amp + channels_last, with --compile reduce-overhead (the
+#               network in CUDA graphs) and with the whole step compiled (losses too; a bench row, not a
+#               flag), and the whole train.py epoch with --compile reduce-overhead              150 s
+#   batches     the MMGL step and whole epochs at 64+64 and 128+128 images, amp + channels_last with
+#               and without --compile reduce-overhead (is 5,000 images/s a matter of batch size?) 160 s
+#   profile     bench/step_profile.py: how busy the GPU is in the MMGL and AGW steps (fp32, amp +
+#               channels_last) and their costliest operators                                    45 s
+#   throughput  bench/throughput.py's plain rows at 32+32 (measured before the host-wait fix): the three
+#               training steps in fp32, --amp, --amp [fp16] --channels_last, and whole train.py epochs
+#               without --compile                                                    what is left, up to 150 s
 #   pair        the paper's command (--pcc --part, SGD lr 0.1, 100 epochs x 100 steps = the 10,000
 #               steps of #9's target) as pretext-study variants `default` (fp32, loader augmentation)
 #               and `default+fast` (--amp --channels_last --augment device) side by side      335 s
 #   onestream   `default+onestream+fast` (--stream one) alone on the card, then test.py on its weights
 #               of every 10th epoch at once (the held-out curve) and bench/stream_gap.py on the last
 #               (training vs held-out identities, stems' batch norm as saved vs per modality)  380 s + 60 s
-#   compile     only the --compile rows of bench/throughput.py (reduce-overhead: CUDA graphs,
-#               then torch's default mode; MMGL first)                                         120 s
-#   batches     the MMGL step and whole epochs at 64+64 and 128+128 images, amp + channels_last with
-#               and without --compile reduce-overhead (is 5,000 images/s a matter of batch size?) 120 s
-#   profile     bench/step_profile.py: how busy the GPU is in the MMGL and AGW steps (fp32, amp +
-#               channels_last) and their costliest operators                                    45 s
 # NVIDIA H200 sessions of 2026-11-26 ran `throughput pair` and `onestream` (before and after the one-stream
-# stem fix: README, Full size on a GPU); what is left is one call of about 8 minutes (the throughput
-# rows again, as they were measured before the host-wait fix):
-#   bash bench/gpu_session.sh                        # default: throughput compile batches profile
+# stem fix: README, Full size on a GPU); what is left is one call of under 10 minutes, the stages in
+# the order of what the issue needs most:
+#   bash bench/gpu_session.sh                        # default: precompile compile batches profile throughput
 #   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48
-# Stage lengths can be changed with THROUGHPUT_S, PAIR_S, ONESTREAM_S, COMPILE_S, BATCHES_S and PROFILE_S
-# (seconds); give the device call a limit above their sum plus a minute, or the summary is lost.
+# Every stage ends by DEADLINE_S (default 570) seconds after the start, whatever its own length, so that
+# the summary comes back from a device call of 600 s; a stage with no time left is skipped.
+# Stage lengths can be changed with PRECOMPILE_S, THROUGHPUT_S, PAIR_S, ONESTREAM_S, COMPILE_S, BATCHES_S and
+# PROFILE_S (seconds).
 # Runs and checkpoints go to $WORK (default /tmp/gpu_session); $OUT (default ./gpu_out) gets at most eight
 # files: card.txt, throughput.md, compile.md and batches.md (the stages' tables, when complete), summary.txt
 # (with the profile's table; its operator lists are in logs.tgz),
@@ -34,7 +42,8 @@
 # the call's carry).
 set -uo pipefail
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(throughput compile batches profile)
+[ ${#stages[@]} -eq 0 ] && stages=(precompile compile batches profile throughput)
+deadline=$(( SECONDS + ${DEADLINE_S:-570} ))
 out=${OUT:-gpu_out}
 work=${WORK:-/tmp/gpu_session}
 mkdir -p "$out" "$work"
@@ -48,8 +57,9 @@ python -c 'import tensorboardX' || { echo "tensorboardX is missing: carry its wh
 if [ "${SMOKE:-0}" = 1 ]; then
   image_size=(--img_h 96 --img_w 48)
   size=(--arch resnet18 "${image_size[@]}")
-  throughput_flags=(--batch 8 --steps 2 --warmup 1 --epoch_steps 3 --workers 1)
-  larger_batches=8,16
+  batch=8
+  throughput_flags=(--steps 2 --warmup 1 --epoch_steps 3 --workers 1)
+  larger_batches=16
   profile_flags=(--batch 8 --steps 2 --warmup 1)
   train_flags=(--batch-size 8 --workers 1)
   schedule=(--epochs 10 --steps_per_epoch 4)
@@ -57,6 +67,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   image_size=()  # the scripts' default, 288x144
   size=(--arch resnet50)
+  batch=32
   throughput_flags=(--steps 10 --epoch_steps 30 --workers 8)
   larger_batches=64,128
   profile_flags=()
@@ -68,7 +79,7 @@ python synthetic.py > "$work/synthetic.txt" 2>&1 || { cat "$work/synthetic.txt";
 
 throughput() {  # table name, seconds, extra flags...
   local name=$1 seconds=$2; shift 2
-  timeout "$seconds" python bench/throughput.py "${size[@]}" "${throughput_flags[@]}" "$@" \
+  timeout "$seconds" python bench/throughput.py "${size[@]}" "${throughput_flags[@]}" --batch "$batch" "$@" \
     --out "$out/$name.md" > "$work/$name.log" 2>&1
 }
 
@@ -99,28 +110,67 @@ judge_curve() {  # pretext-study variant: test.py on its weights of every 10th e
     --workers 2 --out "$work/$name.gap.md" > "$work/$name.gap.txt" 2>&1
 }
 
+# The compiled step rows (methods, batches, precisions) of the compile and batches stages, which the
+# precompile stage compiles beforehand.
+ro='amp + channels_last + compile reduce-overhead'
+compile_rows=(mmgl,agw,ddag "$batch" "$ro,amp + channels_last + compile step reduce-overhead")
+batches_rows=(mmgl "$larger_batches" "amp + channels_last,$ro")
+
+rows() {  # table name, seconds, methods, batches, precisions, extra flags...: bench/throughput.py on those rows
+  local name=$1 seconds=$2 methods=$3 batches=$4 precisions=$5; shift 5
+  throughput "$name" "$seconds" --methods "$methods" --batch "$batches" --precisions "$precisions" "$@"
+}
+
+precompile() {  # seconds, methods, batches, precisions: each compiled row in a process of its own, all at once
+  local seconds=$1 method batch precision
+  local -a methods batches precisions
+  IFS=, read -ra methods <<< "$2"; IFS=, read -ra batches <<< "$3"; IFS=, read -ra precisions <<< "$4"
+  for method in "${methods[@]}"; do for batch in "${batches[@]}"; do for precision in "${precisions[@]}"; do
+    [[ $precision == *compile* ]] || continue
+    TORCHINDUCTOR_COMPILE_THREADS=$(( $(nproc) / 4 > 1 ? $(nproc) / 4 : 1 )) timeout "$seconds" \
+      python bench/throughput.py "${size[@]}" --methods "$method" --batch "$batch" --precisions "$precision" \
+      --compiled_only --warmup 1 --steps 1 --epoch_steps 0 > "$work/precompile/$method.$batch.${precision// /_}.log" 2>&1 &
+  done; done; done
+}
+
 for stage in "${stages[@]}"; do
   case $stage in
-    throughput) throughput throughput "${THROUGHPUT_S:-150}" --precisions 'fp32,amp,amp + channels_last,amp fp16 + channels_last' \
-                  --epoch_flags= --epoch_flags='--augment device' --epoch_flags='--amp --channels_last' \
-                  --epoch_flags='--amp --channels_last --augment device' ;;
-    pair) study "${PAIR_S:-335}" default & study "${PAIR_S:-335}" default+fast & wait ;;
-    onestream) study "${ONESTREAM_S:-380}" default+onestream+fast; judge_curve default+onestream+fast ;;
-    compile) throughput compile "${COMPILE_S:-120}" --compiled_only \
-               --precisions 'amp + channels_last + compile reduce-overhead,amp + channels_last + compile' ;;
-    batches) throughput batches "${BATCHES_S:-120}" --methods mmgl --batch "$larger_batches" \
-               --precisions 'amp + channels_last,amp + channels_last + compile reduce-overhead' \
+    precompile) seconds=${PRECOMPILE_S:-200} ;; compile) seconds=${COMPILE_S:-150} ;;
+    batches) seconds=${BATCHES_S:-160} ;; profile) seconds=${PROFILE_S:-45} ;;
+    throughput) seconds=${THROUGHPUT_S:-150} ;; pair) seconds=${PAIR_S:-335} ;; onestream) seconds=${ONESTREAM_S:-380} ;;
+    *) echo "unknown stage $stage: choose from precompile compile batches profile throughput pair onestream"; exit 1 ;;
+  esac
+  left=$(( deadline - SECONDS - 10 ))
+  (( left < seconds )) && seconds=$left
+  if (( seconds < 5 )); then echo "$stage: skipped, no time left before the deadline" >> "$work/stages.txt"; continue; fi
+  began=$SECONDS
+  case $stage in
+    precompile) mkdir -p "$work/precompile"
+                precompile "$seconds" "${compile_rows[@]}"; precompile "$seconds" "${batches_rows[@]}"; wait ;;
+    compile) rows compile "$seconds" "${compile_rows[@]}" --compiled_only \
+               --epoch_flags='--amp --channels_last --augment device --compile reduce-overhead' ;;
+    batches) rows batches "$seconds" "${batches_rows[@]}" \
                --epoch_flags='--amp --channels_last --augment device' \
                --epoch_flags='--amp --channels_last --augment device --compile reduce-overhead' ;;
-    profile) timeout "${PROFILE_S:-45}" python bench/step_profile.py "${size[@]}" "${profile_flags[@]}" \
+    profile) timeout "$seconds" python bench/step_profile.py "${size[@]}" "${profile_flags[@]}" \
                --out "$work/profile.md" > "$work/profile.log" 2>&1 ;;
-    *) echo "unknown stage $stage: choose from throughput pair onestream compile batches profile"; exit 1 ;;
+    throughput) throughput throughput "$seconds" --precisions 'fp32,amp,amp + channels_last,amp fp16 + channels_last' \
+                  --epoch_flags= --epoch_flags='--augment device' --epoch_flags='--amp --channels_last' \
+                  --epoch_flags='--amp --channels_last --augment device' ;;
+    pair) study "$seconds" default & study "$seconds" default+fast & wait ;;
+    onestream) study "$seconds" default+onestream+fast; judge_curve default+onestream+fast ;;
   esac
+  echo "$stage: $(( SECONDS - began )) s of its $seconds" >> "$work/stages.txt"
 done
 
 tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
 {
   echo "== card"; cat "$out/card.txt"
+  echo "== stages (seconds taken)"; cat "$work/stages.txt" 2>/dev/null
+  if [ -d "$work/precompile" ]; then
+    echo "== precompile: rows compiled (one step each: not timings), of $(ls "$work"/precompile/*.log | wc -l)"
+    grep -h '^| [MAD]' "$work"/precompile/*.log | sort -u | cut -d'|' -f2-5
+  fi
   for name in throughput compile batches; do
     [ -f "$work/$name.log" ] || continue
     echo "== $name"
@@ -135,6 +185,7 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
   for log in "$work"/*/*.log; do
     [ -e "$log" ] || continue
     name=$(basename "$(dirname "$log")")
+    [ -e "$work/$name.train.txt" ] || continue  # not a training run (the precompile stage's logs)
     echo "== $name: every fifth epoch and the last"
     grep -h '^epoch' "$log" | awk 'NR % 5 == 0' | cut -c1-200
     grep -h '^epoch' "$log" | tail -1 | cut -c1-200

@@ -81,8 +81,7 @@ def main(argv=None):
         for name in args.precisions.split(','):
             options = PRECISIONS[name]
             precision = engine.Precision(options['amp'], device)
-            one_step = step_runner(build, step, precision, options['channels_last'], options['compile'],
-                                   args.batch, args, device)
+            one_step = step_runner(build, step, precision, options, args.batch, args, device)
             milliseconds = milliseconds_per_step(one_step, args.steps, device)
             device_ms, kernels, profiled = profile_steps(one_step, args.steps, device)
             figures = ('- | - | -' if device_ms is None else

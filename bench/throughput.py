@@ -11,7 +11,8 @@ of whole train.py epochs with the loader (and with the augmentation on the devic
 
 The step figures time the scripts' own steps (train.make_step, AGW's make_step, DDAG's DDAGLoss)
 with engine.Precision on random images already on the device: forward, losses, backward and the
-optimiser step, --steps timed after --warmup; on a GPU one more step runs under CUDA's
+optimiser step, --steps timed after --warmup (the `compile step` precision compiles the step function,
+network and losses, where --compile compiles the network alone); on a GPU one more step runs under CUDA's
 synchronisation debug mode, which counts the times the host waits for the GPU. TFLOP/s is the
 step's convolution and matrix-product arithmetic (torch.utils.flop_counter, forward and backward;
 batch norm and elementwise work uncounted) over its time, to hold against the card's peak. The
@@ -49,11 +50,18 @@ from study_tools import publish, read_history, torchrun  # noqa: E402
 
 PRECISIONS = {'fp32': dict(amp=None, channels_last=False, compile=None),
               'amp': dict(amp='auto', channels_last=False, compile=None),
+              'amp bf16': dict(amp='bf16', channels_last=False, compile=None),  # also where --amp refuses a CPU
               'amp + channels_last': dict(amp='auto', channels_last=True, compile=None),
               'amp fp16 + channels_last': dict(amp='fp16', channels_last=True, compile=None),
               'amp + channels_last + compile': dict(amp='auto', channels_last=True, compile='default'),
               'amp + channels_last + compile reduce-overhead': dict(amp='auto', channels_last=True,
-                                                                    compile='reduce-overhead')}
+                                                                    compile='reduce-overhead'),
+              # Not what --compile does: the whole step (network and losses; not the backward pass's
+              # start or the optimiser) through torch.compile, to measure what compiling the losses too
+              # would gain where the step waits for the host's dispatch.
+              'amp + channels_last + compile step reduce-overhead': dict(amp='auto', channels_last=True,
+                                                                         compile='reduce-overhead',
+                                                                         compile_step=True)}
 EPOCH_FLAGS = ((), ('--augment', 'device'), ('--amp', '--channels_last'),
                ('--amp', '--channels_last', '--augment', 'device'),
                ('--amp', '--channels_last', '--augment', 'device', '--compile'),
@@ -140,14 +148,18 @@ def training_setup(build, batch, img_h, img_w, device, memory_format=torch.conti
     return model, optimizer, (visible, thermal, torch.cat((ids, ids)))
 
 
-def step_runner(build, step, precision, channels_last, compile_mode, batch, args, device):
+def step_runner(build, step, precision, options, batch, args, device):
     """one_step(): one training step of a method on batch + batch images made once on the device, in
-    its precision and memory format (with a compile_mode, of the torch.compile'd network, as --compile
-    does), after --warmup such steps (which pay for a compilation)."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    precision and the memory format of options (a PRECISIONS entry; with its compile mode, of the
+    torch.compile'd network, as --compile does, or with compile_step of the compiled step), after
+    --warmup such steps (which pay for a compilation)."""
+    memory_format = torch.channels_last if options['channels_last'] else torch.contiguous_format
     model, optimizer, (visible, thermal, labels) = training_setup(build, batch, args.img_h, args.img_w, device,
                                                                   memory_format)
-    trained = engine.compile_network(model, compile_mode) if compile_mode else model
+    compile_mode, compile_step = options['compile'], options.get('compile_step', False)
+    trained = engine.compile_network(model, compile_mode) if compile_mode and not compile_step else model
+    if compile_step:  # torch.compile takes the step function as it takes a module
+        step = engine.compile_network(step, compile_mode)
 
     def one_step():
         if compile_mode:
@@ -184,10 +196,10 @@ def gflop_per_image(build, step, batch, args, device):
     return counter.get_total_flops() / (2 * batch) / 1e9
 
 
-def time_step(build, step, precision, channels_last, compile_mode, batch, args, device):
+def time_step(build, step, precision, options, batch, args, device):
     """(ms per step, peak GPU memory in GiB or None, host waits in a step or None) of one method's training
     step (step_runner's). The memory and the waits are measured on GPUs only."""
-    one_step = step_runner(build, step, precision, channels_last, compile_mode, batch, args, device)
+    one_step = step_runner(build, step, precision, options, batch, args, device)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     milliseconds = milliseconds_per_step(one_step, args.steps, device)
@@ -292,19 +304,20 @@ def main(argv=None):
                     options = PRECISIONS[name]
                     if (options['compile'] is not None) != compiled:
                         continue
-                    precision = engine.Precision(options['amp'], device)
-                    try:
+                    shown = name
+                    try:  # a CPU that --amp refuses gives a failed row too
+                        precision = engine.Precision(options['amp'], device)
+                        shown = f'{name} ({precision})'
                         if (method, batch) not in gflops:
                             gflops[method, batch] = gflop_per_image(build, step, batch, args, device)
-                        milliseconds, peak, waits = time_step(build, step, precision, options['channels_last'],
-                                                              options['compile'], batch, args, device)
+                        milliseconds, peak, waits = time_step(build, step, precision, options, batch, args, device)
                         images_per_second = 2 * batch * 1000 / milliseconds
                         figures = (f'{milliseconds:.1f} | {images_per_second:.0f} | '
                                    f'{gflops[method, batch] * images_per_second / 1000:.3g} | '
                                    f'{"-" if peak is None else f"{peak:.2f}"} | {"-" if waits is None else waits}')
                     except Exception as error:  # a failed row stays in the table
                         figures = failure(error) + ' | | | |'
-                    row = f'| {method} | {batch}+{batch} | {name} ({precision}) | {figures} |'
+                    row = f'| {method} | {batch}+{batch} | {shown} | {figures} |'
                     step_rows[method, batch, name] = row
                     print(row, flush=True)
         for batch in args.batch if args.epoch_steps and 'mmgl' in args.methods and not compiled else ():

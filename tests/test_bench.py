@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import engine
 import utils
 from utils import REPO_ROOT
 
@@ -178,18 +179,18 @@ def test_finetune_flags_study_runs_a_variant_and_judges_its_last_weights(tmp_pat
     args.seen_path = str(view)
     threads = torch.get_num_threads()
     try:
-        result = finetune_flags_study.run_variant('amp', args)
+        result = finetune_flags_study.run_variant('channels_last', args)
     finally:
         torch.set_num_threads(threads)  # the worker's setting, not this process's
     assert 'error' not in result, result.get('error')
-    assert result['flags'] == [*finetune_flags_study.METHODS[method], '--amp', '--channels_last']
+    assert result['flags'] == [*finetune_flags_study.METHODS[method], '--channels_last']
     assert len(result['history']) == 1 and result['history'][0]['loss'] > 0
     json.dumps(result)  # results.json can hold it
     # the figures are the averages the test script printed for the selected feature of the last weights,
     # on the held-out identities and on the training ones
     feature = finetune_flags_study.SELECTED[method].upper()
     for key in ('test', 'seen'):
-        judged = (tmp_path / 'logs' / f'amp.{key}.txt').read_text()
+        judged = (tmp_path / 'logs' / f'channels_last.{key}.txt').read_text()
         assert '_epoch_0.t' in judged and judged.count(f'{feature}:') == 11  # 10 gallery draws and their average
         average = [line for line in judged.splitlines() if f'{feature}:' in line][-1]
         assert f'mAP: {100 * result[key]["mAP"]:.2f}%' in average
@@ -261,6 +262,35 @@ def test_throughput_times_train_py_under_torchrun_with_one_process_and_with_seve
         throughput.main(['--nproc_per_node', '0'])
 
 
+@pytest.mark.parametrize('precision, step_compiled', [('amp + channels_last + compile reduce-overhead', False),
+                                                       ('amp + channels_last + compile step reduce-overhead', True)])
+def test_throughputs_compile_rows_compile_the_network_or_the_whole_step(precision, step_compiled):
+    """The `compile` rows time the step with the compiled network, as --compile trains; the `compile
+    step` row compiles the step function itself, so its losses are traced too (torch.compile traces
+    a function once, and torch.compiler.is_compiling() says when)."""
+    traced = {'network': [], 'step': []}
+
+    class Network(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 2, 3)
+
+        def forward(self, visible, thermal):
+            traced['network'].append(torch.compiler.is_compiling())
+            return self.conv(torch.cat((visible, thermal))).mean(dim=(1, 2, 3))
+
+    def step(network, visible, thermal, labels, epoch):
+        traced['step'].append(torch.compiler.is_compiling())
+        return (network(visible, thermal) - labels).square().mean(), {}
+
+    args = throughput.get_args_parser().parse_args(['--img_h', '8', '--img_w', '4', '--warmup', '2'])
+    options = throughput.PRECISIONS[precision]
+    cpu = torch.device('cpu')
+    throughput.step_runner(Network, step, engine.Precision(None, cpu), options, 2, args, cpu)()  # float32: any CPU
+    assert all(traced['network'])  # the network is traced in both, its Python never runs eagerly
+    assert all(traced['step']) if step_compiled else not any(traced['step'])
+
+
 def test_flops_per_image_count_the_backward_pass_and_not_the_batch():
     args = throughput.get_args_parser().parse_args(['--arch', 'resnet18', '--img_h', '48', '--img_w', '24'])
     (build, step), = throughput.networks_and_steps(args, ['mmgl']).values()
@@ -308,11 +338,11 @@ def test_stream_gap_reestimates_each_stem_on_its_own_modality(tmp_path, sysu_pre
 def test_step_profile_reports_each_row_and_its_busiest_operators(tmp_path):
     report_file = tmp_path / 'profile.md'
     step_profile.main(['--arch', 'resnet18', '--img_h', '48', '--img_w', '24', '--batch', '2', '--warmup', '1',
-                       '--steps', '1', '--methods', 'mmgl', '--precisions', 'fp32,amp', '--top', '3',
+                       '--steps', '1', '--methods', 'mmgl', '--precisions', 'fp32,amp bf16', '--top', '3',
                        '--out', str(report_file)])
     report = report_file.read_text()
     rows = [line.split(' | ') for line in report.splitlines() if line.startswith('| MMGL')]
-    assert [row[1].split(' ')[0] for row in rows] == ['fp32', 'amp'] and all(float(row[2]) > 0 for row in rows)
+    assert [row[1].split(' (')[0] for row in rows] == ['fp32', 'amp bf16'] and all(float(row[2]) > 0 for row in rows)
     assert report.count('the 3 operators with the most self_cpu_time_total') == 2 and 'aten::' in report
     with pytest.raises(utils.UserError, match="--precisions: unknown 'bf16'"):
         step_profile.main(['--precisions', 'bf16'])
