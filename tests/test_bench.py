@@ -16,6 +16,7 @@ import utils
 from utils import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / 'bench'))
+import curve_lag  # noqa: E402
 import finetune_flags_study  # noqa: E402
 import pretext_study  # noqa: E402
 import step_profile  # noqa: E402
@@ -73,6 +74,28 @@ def test_study_variants_with_a_larger_global_batch_keep_the_images_of_an_epoch(t
     assert 'the 2 processes end with the same weights' in under_torchrun
     args.steps_per_epoch = 3
     assert 'not a multiple of the 2' in pretext_study.run_variant('default+torchrun2', args)['error']
+
+
+def test_curve_lag_gives_the_epochs_by_which_a_curve_reaches_each_level_later_seed_by_seed(tmp_path):
+    def run(name, curve):
+        return {'name': name, 'history': [{'perm_exact': value} for value in curve]}
+    for seed, second_epoch in ((0, 0.0), (1, 0.1)):
+        (tmp_path / f'seed{seed}').mkdir()
+        (tmp_path / f'seed{seed}' / 'results.json').write_text(json.dumps([
+            run('early', [0.0, 0.1, 0.3, 0.5]), run('late', [0.0, second_epoch, 0.1, 0.3]),
+            {'name': 'broken', 'error': 'RuntimeError: boom'}]))
+    # early reaches 0.1 after 2 epochs and 0.2 after 2.5; late after 3 and 3.5 on seed 0, 2 and 3.5 on seed 1
+    lines = curve_lag.main(['--study', str(tmp_path), '--pairs', 'early:late,early:broken', '--levels', '0.1,0.2',
+                            '--out', str(tmp_path / 'lag.md')])
+    assert '| late minus early | 0.1 | +1.00 / +0.00 | +0.50 ± 0.50 | 1 of 2 |' in lines
+    assert '| late minus early | 0.2 | +1.00 / +1.00 | +1.00 ± 0.00 | 2 of 2 |' in lines
+    assert '| broken minus early | 0.1 | - / - | - | - |' in lines
+    assert (tmp_path / 'lag.md').read_text().splitlines() == lines
+    assert curve_lag.crossing_epoch([0.4, 0.5], 0.3) == 1.0 and curve_lag.crossing_epoch([0.1, 0.2], 0.3) is None
+    with pytest.raises(utils.UserError, match="--pairs: no variant 'lately' in .*seed0/results.json"):
+        curve_lag.main(['--study', str(tmp_path), '--pairs', 'early:lately'])
+    with pytest.raises(utils.UserError, match='no seed<N>/results.json'):
+        curve_lag.main(['--study', str(tmp_path / 'seed0'), '--pairs', 'early:late'])
 
 
 def test_study_table_keeps_failed_variants(tmp_path):
