@@ -79,11 +79,12 @@ def autocast_dtype(amp, device):
     if amp is None:
         return None
     native_bf16 = native_bfloat16(device)
-    if amp == 'auto' and device.type != 'cuda' and not native_bf16:
-        raise utils.UserError('--amp: this CPU has no bfloat16 arithmetic (nor float16), so mixed precision '
-                              'would make each training step many times slower than float32 (15 to 21 times on '
-                              'an AVX2 AMD EPYC): leave --amp out, or name the dtype (--amp bf16) to run it anyway.')
     if amp == 'auto':
+        if device.type != 'cuda' and not native_bf16:
+            raise utils.UserError('--amp: this CPU has no bfloat16 arithmetic (nor float16), so mixed precision '
+                                  'would make each training step many times slower than float32 (15 to 21 times '
+                                  'on an AVX2 AMD EPYC): leave --amp out, or name the dtype (--amp bf16) to run it '
+                                  'anyway.')
         amp = 'bf16' if native_bf16 else 'fp16'
     elif amp == 'bf16' and not native_bf16 and device.type == 'cuda':
         raise utils.UserError(f'--amp bf16: {torch.cuda.get_device_name(device)} does not compute in bfloat16 '
