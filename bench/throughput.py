@@ -56,8 +56,8 @@ PRECISIONS = {'fp32': dict(amp=None, channels_last=False, compile=None),
               'amp + channels_last + compile': dict(amp='auto', channels_last=True, compile='default'),
               'amp + channels_last + compile reduce-overhead': dict(amp='auto', channels_last=True,
                                                                     compile='reduce-overhead'),
-              # Not what --compile does: the whole step (network and losses; not the backward pass's
-              # start or the optimiser) through torch.compile, to measure what compiling the losses too
+              # Not what --compile does: the whole step function (network and losses; backward() and the
+              # optimiser stay outside) through torch.compile, to measure what compiling the losses too
               # would gain where the step waits for the host's dispatch.
               'amp + channels_last + compile step reduce-overhead': dict(amp='auto', channels_last=True,
                                                                          compile='reduce-overhead',
