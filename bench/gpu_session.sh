@@ -27,7 +27,8 @@
 # stem fix: README, Full size on a GPU); what is left is one call of under 10 minutes, the stages in
 # the order of what the issue needs most:
 #   bash bench/gpu_session.sh                        # default: precompile compile batches profile throughput
-#   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48
+#   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48 (on a CPU
+#                                                    # without bfloat16 the --amp rows fail with --amp's sentence)
 # Every stage ends by DEADLINE_S (default 570) seconds after the start, whatever its own length, so that
 # the summary comes back from a device call of 600 s; a stage with no time left is skipped.
 # Stage lengths can be changed with PRECOMPILE_S, THROUGHPUT_S, PAIR_S, ONESTREAM_S, COMPILE_S, BATCHES_S and
