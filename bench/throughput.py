@@ -156,10 +156,11 @@ def step_runner(build, step, precision, options, batch, args, device):
     memory_format = torch.channels_last if options['channels_last'] else torch.contiguous_format
     model, optimizer, (visible, thermal, labels) = training_setup(build, batch, args.img_h, args.img_w, device,
                                                                   memory_format)
-    compile_mode, compile_step = options['compile'], options.get('compile_step', False)
-    trained = engine.compile_network(model, compile_mode) if compile_mode and not compile_step else model
-    if compile_step:  # torch.compile takes the step function as it takes a module
+    compile_mode, trained = options['compile'], model
+    if options.get('compile_step'):  # torch.compile takes the step function as it takes a module
         step = engine.compile_network(step, compile_mode)
+    elif compile_mode:
+        trained = engine.compile_network(model, compile_mode)
 
     def one_step():
         if compile_mode:
