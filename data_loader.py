@@ -220,20 +220,25 @@ class RankShare(Sampler):
     batch_size consecutive items, and process `rank` of `world_size` takes batches rank,
     rank + world_size, ... Every process makes the same draw (same seed, same generator states), so
     the shares are disjoint and together cover it; the last incomplete round of batches is dropped,
-    so every process runs the same number of steps. With several processes the draw is made when the
-    share is built (engine.fit seeds every process alike just for it); with world_size 1 it is made
-    when iterated, and the share is the sampler itself, less an incomplete last batch (which the
-    loaders drop anyway)."""
+    so every process runs the same number of steps, and so are the rounds beyond a multiple of
+    accum_iter, so that an epoch holds whole optimiser steps of accum_iter batches (--accum_iter).
+    With several processes the draw is made when the share is built (engine.fit seeds every process
+    alike just for it); with world_size 1 it is made when iterated, and the share is the sampler
+    itself, less the items beyond the last whole step."""
 
-    def __init__(self, sampler, batch_size, rank=0, world_size=1):
+    def __init__(self, sampler, batch_size, rank=0, world_size=1, accum_iter=1):
         self.sampler, self.batch_size, self.rank, self.world_size = sampler, batch_size, rank, world_size
+        self.accum_iter = accum_iter
         self.draw = list(sampler) if world_size > 1 else None
+
+    def _rounds(self, items):
+        """Rounds of world_size batches to take: whole optimiser steps' worth."""
+        return items // (self.batch_size * self.world_size * self.accum_iter) * self.accum_iter
 
     def __iter__(self):
         items = self.draw if self.draw is not None else list(self.sampler)
-        rounds = len(items) // (self.batch_size * self.world_size)
-        for batch in range(self.rank, rounds * self.world_size, self.world_size):
+        for batch in range(self.rank, self._rounds(len(items)) * self.world_size, self.world_size):
             yield from items[batch * self.batch_size:(batch + 1) * self.batch_size]
 
     def __len__(self):
-        return len(self.sampler) // (self.batch_size * self.world_size) * self.batch_size
+        return self._rounds(len(self.sampler)) * self.batch_size

@@ -112,11 +112,21 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def backward_and_step(self, loss, optimizer):
-        optimizer.zero_grad(set_to_none=True)
+    def backward(self, loss):
+        """Add the loss's gradients (scaled for float16) to those accumulated so far."""
         self.scaler.scale(loss).backward()
+
+    def step(self, optimizer):
+        """The optimiser step on the accumulated gradients (unscaled first; skipped by the scaler when
+        a float16 gradient overflowed)."""
         self.scaler.step(optimizer)
         self.scaler.update()
+
+    def backward_and_step(self, loss, optimizer):
+        """One optimiser step on the gradients of one loss."""
+        optimizer.zero_grad(set_to_none=True)
+        self.backward(loss)
+        self.step(optimizer)
 
     def state_dict(self):
         return self.scaler.state_dict()
@@ -192,7 +202,7 @@ def start_run(args, name, title, state_file='', pretrained_file=''):
     generates the synthetic set while the others wait), open <log_path>/<name>.log and the
     tensorboardX writer <vis_log_path>/<name> (process 0 only)."""
     for flag, option in (('epochs', '--epochs'), ('batch_size', '--batch-size'), ('save_epoch', '--save_epoch'),
-                         ('log_every', '--log_every')):
+                         ('log_every', '--log_every'), ('accum_iter', '--accum_iter')):
         if getattr(args, flag) < 1:
             raise utils.UserError(f'{option} must be at least 1, got {getattr(args, flag)}.')
     state_file = utils.find_checkpoint(state_file, args.model_path) if state_file else None
@@ -242,9 +252,11 @@ def training_set(run):
 
 
 def make_loader(run, dataset, sampler, batch_size):
-    """A DataLoader of batch_size items over this process's share of the sampler's draw (RankShare)."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=RankShare(sampler, batch_size, run.rank, run.world_size),
-                      num_workers=run.args.workers, drop_last=True, pin_memory=run.device.type == 'cuda')
+    """A DataLoader of batch_size items over this process's share of the sampler's draw (RankShare), in
+    whole optimiser steps of --accum_iter batches."""
+    share = RankShare(sampler, batch_size, run.rank, run.world_size, run.args.accum_iter)
+    return DataLoader(dataset, batch_size=batch_size, sampler=share, num_workers=run.args.workers, drop_last=True,
+                      pin_memory=run.device.type == 'cuda')
 
 
 class RunValues(dict):
@@ -350,19 +362,30 @@ def compile_network(network, mode):
     return torch.compile(network, mode=None if mode == 'default' else mode)
 
 
-def train_step(run, model, optimizer, step, batch, epoch):
+def train_step(run, model, optimizer, step, batch, epoch, accumulated=0):
     """One training step on a loader's batch (visible, thermal, visible labels, thermal labels): the
     batch to the device (augmented there with --augment device), step under autocast, backward and
-    the optimiser step. Returns {'loss': ..., **step's values}, tensors left on the device: nothing
+    the optimiser step. With --accum_iter K the gradients of K batches add up before the optimiser
+    steps: `accumulated` says how many batches of this optimiser step came before this one (0 to
+    K - 1); each batch's loss counts 1/K, so the step is that of the mean of the K losses, what K
+    processes of one batch each compute (under torchrun the processes exchange gradients after the
+    K-th batch only). Returns {'loss': ..., **step's values}, tensors left on the device: nothing
     here makes the host wait for the GPU (a copy from host memory that is not non-blocking would)."""
     visible_images, thermal_images, visible_labels, thermal_labels = batch
     visible, thermal = run.batch_to_device(visible_images), run.batch_to_device(thermal_images)
     labels = torch.cat((visible_labels, thermal_labels)).to(run.device, non_blocking=True)
+    accum_iter = run.args.accum_iter
+    last = accumulated + 1 == accum_iter
+    if accumulated == 0:
+        optimizer.zero_grad(set_to_none=True)
     if run.args.compile:  # a new iteration: CUDA graphs (--compile reduce-overhead) may reuse their buffers
         torch.compiler.cudagraph_mark_step_begin()
-    with run.precision.autocast():
-        loss, values = step(model, visible, thermal, labels, epoch)
-    run.precision.backward_and_step(loss, optimizer)
+    with contextlib.nullcontext() if last or not run.distributed else model.no_sync():
+        with run.precision.autocast():
+            loss, values = step(model, visible, thermal, labels, epoch)
+        run.precision.backward(loss / accum_iter)
+    if last:
+        run.precision.step(optimizer)
     return {'loss': loss.detach(), **values}
 
 
@@ -373,10 +396,10 @@ def train_one_epoch(run, model, optimizer, step, loader, epoch):
     model.train()
     totals, images = {}, 0  # image-weighted sums of the values, kept on the device between log steps
     throughput = utils.Throughput(len(loader) * loader.batch_size * 2 * run.world_size)
-    progress = tqdm(loader, desc=f'epoch {epoch}', unit='step', leave=False, dynamic_ncols=True, mininterval=1.0,
+    progress = tqdm(loader, desc=f'epoch {epoch}', unit='batch', leave=False, dynamic_ncols=True, mininterval=1.0,
                     disable=not run.is_main)
     for index, batch in enumerate(progress):
-        values = train_step(run, model, optimizer, step, batch, epoch)
+        values = train_step(run, model, optimizer, step, batch, epoch, accumulated=index % run.args.accum_iter)
         batch_images = len(batch[2]) + len(batch[3])
         for name, value in values.items():
             # A tensor value is added up on the device, a number on the host: neither waits for the GPU.
@@ -475,10 +498,12 @@ def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), en
         start = time.time()
         loader = epoch_loader(run, make_loader, epoch)
         stats = train_one_epoch(run, trained, optimizer, step, loader, epoch)
-        stats.update(epoch=epoch, lr=lr, steps=(epoch + 1) * len(loader))
+        steps = len(loader) // args.accum_iter  # optimiser steps
+        stats.update(epoch=epoch, lr=lr, steps=(epoch + 1) * steps)
         shown = ' '.join(f'{name} {value:.4f}' for name, value in stats.items()
                          if name not in ('epoch', 'lr', 'steps', 'images_per_second'))
-        logger.info(f'epoch {epoch} lr {lr:.4g} {shown} ({len(loader)} steps, {stats["images_per_second"]:.1f} img/s, '
+        logger.info(f'epoch {epoch} lr {lr:.4g} {shown} ({steps} steps{f" of {args.accum_iter} batches" if args.accum_iter > 1 else ""}, '
+                    f'{stats["images_per_second"]:.1f} img/s, '
                     f'{utils.format_seconds(time.time() - start)})')
         if end_of_epoch is not None:
             end_of_epoch(epoch, stats)

@@ -67,6 +67,10 @@ def training_flags():
                        help='torch.compile the network for training (the first steps pay for the compilation), '
                             'in torch\'s default mode or the one named: reduce-overhead adds CUDA graphs, which '
                             'spare the host its per-operator work on GPUs')
+    speed.add_argument('--accum_iter', default=1, type=int, metavar='K',
+                       help='accumulate the gradients of K batches of --batch-size before each optimiser step: K '
+                            'times the global batch, each batch normalised and its losses computed apart, as K '
+                            'processes of torchrun would (a K-GPU run on one GPU, or less memory a step)')
     speed.add_argument('--sync_bn', action='store_true', help='under torchrun: batch norm statistics over every GPU')
     speed.add_argument('--ghost_bn', default=1, type=int, metavar='K',
                        help='batch norm statistics over K interleaved groups of each batch while training, as K '

@@ -66,10 +66,10 @@ def get_args_parser():
                         help='the images PCC sees: shuffled, the stripe-shuffled ones of permutation recovery (one '
                              'forward pass); plain, the same images unshuffled (in the same pass, twice the images)')
     parser.add_argument('--steps_per_epoch', default=0, type=int,
-                        help='steps that make an epoch (0: one pass over the visible images); lets a small set '
-                             "follow the paper's step budget and schedule")
+                        help='optimiser steps that make an epoch (0: one pass over the visible images); lets a '
+                             "small set follow the paper's step budget and schedule")
     parser.add_argument('--batch-size', default=32, type=int, dest='batch_size',
-                        help='visible images per step (and as many infrared)')
+                        help='visible images per batch (and as many infrared); a step takes --accum_iter batches')
     parser.add_argument('--resume', default='', help='training-state file (<run>_state.t) to continue a run')
     return parser
 
@@ -182,8 +182,9 @@ def main(argv=None):
     if args.batch_size > len(trainset.visible_labels):
         raise utils.UserError(f'--batch-size {args.batch_size} is larger than the {len(trainset.visible_labels)} '
                               f'visible training images: lower it.')
-    # Under torchrun each process takes its share of one draw: --steps_per_epoch steps each.
-    num_samples = args.steps_per_epoch * args.batch_size * run.world_size or None
+    # Under torchrun each process takes its share of one draw: --steps_per_epoch optimiser steps each, of
+    # --accum_iter batches.
+    num_samples = args.steps_per_epoch * args.batch_size * args.accum_iter * run.world_size or None
 
     def make_loader(epoch):
         sampler = UnpairedSampler(len(trainset.visible_labels), len(trainset.thermal_labels), num_samples)

@@ -46,6 +46,8 @@ VARIANTS = {
     # ... with batch norm over groups of the study's batch, as each of torchrun's processes has it
     'batch2x_ghostbn2': ('--batch_scale', '2', '--lr', '0.2', '--ghost_bn', '2'),
     'batch4x_ghostbn4': ('--batch_scale', '4', '--lr', '0.4', '--ghost_bn', '4'),
+    # ... and as torchrun's two processes would, in one: two batches of the study's size a step
+    'accum2': ('--accum_iter', '2', '--lr', '0.2'),
 }
 SCRIPTS = {'agw': 'AGW/train.py', 'ddag': 'DDAG/train_ddag.py'}
 METHODS = {'agw': ('--method', 'agw'), 'ddag': ('--wpa', '--graph')}

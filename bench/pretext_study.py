@@ -2,8 +2,8 @@
 
 Each variant is a set of train.py flags on top of the paper's command (--stream two --lr 0.1 --pcc
 --part, SGD, 6 stripes, cl_weight 0.5, cl_temp 0.07, 20 Sinkhorn iterations). Every variant is
-trained at the same size on as many images (a variant with a larger global batch, in one process or
-under torchrun, takes fewer steps: study_tools.LAUNCH_OPTIONS), then judged by test.py on the held-out test
+trained at the same size on as many images (a variant with a larger global batch, in one process,
+under torchrun or with --accum_iter, takes fewer optimiser steps: study_tools.LAUNCH_OPTIONS), then judged by test.py on the held-out test
 identities.
 The folder --out receives:
     results.json     per variant: its flags, the per-epoch training history and the test figures
@@ -81,6 +81,8 @@ VARIANTS = {
     # ... and in one process with batch norm over two halves of the batch, as each of torchrun's processes has it
     'default+batch2x_ghostbn2': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '2', '--lr', '0.2',
                                  '--ghost_bn', '2'),
+    # ... and as torchrun's two processes would, in one: two batches of the study's size a step (--accum_iter)
+    'default+accum2': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--accum_iter', '2', '--lr', '0.2'),
 }
 
 
@@ -131,12 +133,14 @@ def run_variant(name, args):
         common += ['--data_path', args.data_path]
     flags, launch = variant_flags(name), split_launch_options(VARIANTS[name])[1]
     batch_scale, processes = launch.get('--batch_scale', 1), launch.get('--nproc_per_node', 1)
-    if args.steps_per_epoch % (batch_scale * processes):
+    # the same images an epoch: its optimiser steps are this many times fewer
+    fewer_steps = batch_scale * processes * mmgl_train.get_args_parser().parse_args(common + flags).accum_iter
+    if args.steps_per_epoch % fewer_steps:
         return {'name': name, 'flags': flags, 'error': f'--steps_per_epoch {args.steps_per_epoch} is not a multiple of '
-                                                       f'the {batch_scale * processes} the variant divides it by'}
+                                                       f'the {fewer_steps} the variant divides it by'}
     train_argv = common + flags + ['--arch', args.arch, '--batch-size', str(args.batch_size * batch_scale),
                                    '--epochs', str(args.epochs),
-                                   '--steps_per_epoch', str(args.steps_per_epoch // (batch_scale * processes)),
+                                   '--steps_per_epoch', str(args.steps_per_epoch // fewer_steps),
                                    '--save_epoch', str(args.epochs), '--model_path', str(folder),
                                    '--log_path', str(folder), '--vis_log_path', str(folder / 'vis')]
     run_name = mmgl_train.run_name(mmgl_train.get_args_parser().parse_args(train_argv))

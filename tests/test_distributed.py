@@ -47,6 +47,15 @@ def test_rank_shares_are_disjoint_equal_and_cover_the_draw():
     torch.manual_seed(3)
     assert list(RankShare(UnpairedSampler(50, 30), 4)) == draw[:48]  # one process: the draw itself
 
+    # --accum_iter: whole optimiser steps only (50 items: 2 steps of 2 rounds of 3 batches of 4; 1 step of 5 batches)
+    for rank in range(3):
+        torch.manual_seed(3)
+        share = RankShare(UnpairedSampler(50, 30), 4, rank, 3, accum_iter=2)
+        assert list(share) == shares[rank][:16] and len(share) == 16
+    torch.manual_seed(3)
+    share = RankShare(UnpairedSampler(50, 30), 10, accum_iter=3)
+    assert list(share) == draw[:30] and len(share) == 30
+
     # identity batches stay whole: every share's batches hold batch_size identities x num_pos
     labels = np.arange(40) % 10
     np.random.seed(0)
@@ -103,11 +112,13 @@ def test_agw_and_ddag_under_torchrun(tmp_path, sysu_preprocessed):
     best = utils.load_checkpoint(tmp_path / 'agw' / 'save_model' / f'{name}_best.t')
     agw_net(7, arch='resnet18').load_state_dict(best['net'])
 
+    # with --accum_iter 2, the processes exchange gradients after every second batch only (DDP's no_sync)
     torchrun('DDAG/train_ddag.py', *run_args(tmp_path / 'ddag', sysu_preprocessed, *flags, '--wpa', '--graph',
-                                             '--low-dim', '16', '--nheads', '2'))
+                                             '--low-dim', '16', '--nheads', '2', '--accum_iter', '2'))
     name = 'synthetic_G_P_3_drop_0.2_2_2_lr_0.1_seed_0'
     log = log_of(tmp_path / 'ddag', name)
     assert 'the 2 processes end with the same weights' in log and 'ATT:' in log and 'wG' in log
+    assert ' of 2 batches,' in log
     state = utils.load_checkpoint(tmp_path / 'ddag' / 'save_model' / f'{name}_state.t')
     ddag_net(16, 7, nheads=2, arch='resnet18', wpa=True).load_state_dict(state['model'])
     assert state['ddag_loss']['wG'] > 0

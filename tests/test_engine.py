@@ -1,6 +1,8 @@
 """The training engine's speed features on the CPU: mixed precision, augmentation on the device,
 channels-last, device-side permutation decoding."""
+import argparse
 import contextlib
+import copy
 import itertools
 
 import numpy as np
@@ -246,6 +248,53 @@ def test_the_compile_mode_reaches_torch_compile_and_every_step_marks_a_new_itera
     mmgl_train.main(run_args(tmp_path, sysu_preprocessed, '--arch', 'resnet18', '--batch-size', '2',
                              '--steps_per_epoch', '3', '--epochs', '1', *flags))
     assert compiled == [mode] and len(marks) == 3
+
+
+def test_accumulated_batches_make_one_step_on_the_mean_of_their_losses():
+    """--accum_iter 2: the first batch leaves the weights alone; after the second they are those of
+    one SGD step on the mean of the two batches' losses, each batch normalised on its own (what two
+    processes of one batch each compute)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    reference = copy.deepcopy(net)
+    batches = [(torch.randn(2, 3, 8, 6), torch.randn(2, 3, 8, 6), torch.tensor([0, 1]), torch.tensor([2, 0]))
+               for _ in range(2)]
+
+    def step(model, visible, thermal, labels, epoch):
+        return torch.nn.functional.cross_entropy(model(torch.cat((visible, thermal))), labels), {}
+
+    cpu = torch.device('cpu')
+    args = argparse.Namespace(accum_iter=2, compile=None, channels_last=False)
+    run = engine.Run(args, 'x', cpu, None, None, engine.NullWriter(), precision=engine.Precision(None, cpu))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+    start = copy.deepcopy(net.state_dict())
+    engine.train_step(run, net, optimizer, step, batches[0], epoch=0, accumulated=0)
+    assert all(torch.equal(net.state_dict()[key], value) for key, value in start.items() if 'running' not in key
+               and 'tracked' not in key)
+    engine.train_step(run, net, optimizer, step, batches[1], epoch=0, accumulated=1)
+
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    losses = [step(reference, visible, thermal, torch.cat(labels), 0)[0] for visible, thermal, *labels in batches]
+    ((losses[0] + losses[1]) / 2).backward()
+    reference_optimizer.step()
+    for (key, value), (_, expected) in zip(net.state_dict().items(), reference.state_dict().items()):
+        assert torch.allclose(value.float(), expected.float(), atol=1e-6), key
+    assert not torch.equal(net[0].weight, start['0.weight'])
+
+
+def test_train_py_with_accum_iter_steps_once_every_k_batches(tmp_path, sysu_preprocessed, monkeypatch):
+    """--accum_iter 2 --steps_per_epoch 2: an epoch of 2 optimiser steps of 2 batches each, said in the log."""
+    calls = []
+    for method in ('backward', 'step'):
+        original = getattr(engine.Precision, method)
+        monkeypatch.setattr(engine.Precision, method,
+                            lambda self, *objects, method=method, original=original: calls.append(method)
+                            or original(self, *objects))
+    history = mmgl_train.main(run_args(tmp_path, sysu_preprocessed, '--arch', 'resnet18', '--batch-size', '2',
+                                       '--steps_per_epoch', '2', '--epochs', '1', '--accum_iter', '2'))
+    assert calls == ['backward', 'backward', 'step'] * 2 and history[0]['steps'] == 2
+    assert '(2 steps of 2 batches,' in next((tmp_path / 'log').glob('*.log')).read_text()
 
 
 def test_an_unknown_compile_mode_is_refused():
