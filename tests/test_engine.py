@@ -312,17 +312,17 @@ def test_ghost_batch_norm_normalises_each_interleaved_group_as_a_batch_norm_of_i
         plain.weight.uniform_(0.5, 2)
         plain.bias.uniform_(-1, 1)
     separate = [type(plain)(shape[1], momentum=momentum) for _ in range(groups)]
-    for copy in separate:
-        copy.load_state_dict(plain.state_dict())
+    for group_norm in separate:
+        group_norm.load_state_dict(plain.state_dict())
     ghost = engine.GhostBatchNorm(plain, groups)
     assert ghost.weight is plain.weight and ghost.running_var is plain.running_var
     images = torch.randn(*shape) * 3 + 1
     for _ in range(2):  # twice, for the running statistics' update from the second step on
         out = ghost(images)
-        for group, copy in enumerate(separate):
-            torch.testing.assert_close(out[group::groups], copy(images[group::groups]))
+        for group, group_norm in enumerate(separate):
+            torch.testing.assert_close(out[group::groups], group_norm(images[group::groups]))
     for name in ('running_mean', 'running_var'):
-        expected = torch.stack([getattr(copy, name) for copy in separate]).mean(0)
+        expected = torch.stack([getattr(group_norm, name) for group_norm in separate]).mean(0)
         torch.testing.assert_close(getattr(plain, name), expected)
     assert int(plain.num_batches_tracked) == 2
     out.sum().backward()  # the gradient reaches the shared parameters
