@@ -15,8 +15,9 @@ the engine does the rest, written once for the three:
                                     of images shared out, each process its own augmentation)
     train_one_epoch(run, model, optimizer, step, loader, epoch)
                                     one pass with progress (images/s, ETA) and tensorboardX
-    train_step(run, model, optimizer, step, batch, epoch)
-                                    one step of it, with no wait for the GPU
+    train_step(run, model, optimizer, step, batch, epoch, accumulated)
+                                    one batch of it, with no wait for the GPU: an optimiser step
+                                    every --accum_iter batches
     Precision                       --amp: autocast and the gradient scaler
     save_state(path, epoch, args, **objects), restart_from_checkpoint(path, args, shape_flags, **objects)
                                     the state file: every object's state_dict under its name
@@ -27,7 +28,7 @@ network to call (wrapped for DDP under torchrun), visible and thermal the augmen
 batches on the device, labels their identity labels, visible then thermal (2B,), epoch the epoch
 it belongs to (for the step's own schedules). The step runs under --amp's autocast and computes its
 losses in float32 (utils.full_precision); its values are numbers or 0-dim tensors, which stay on
-the device until a log step (every --log_every steps), so the host never waits for the GPU between.
+the device until a log step (every --log_every batches), so the host never waits for the GPU between.
 The engine back-propagates the loss, steps the optimiser and logs the values.
 
 <run>_state.t (written after every epoch) holds {name: state_dict for each object ('model',

@@ -61,7 +61,7 @@ def training_flags():
                        help='where the training augmentation runs: loader, per image with PIL in the loader '
                             'processes (the public code); device, batched on the GPU (or CPU) after the transfer')
     speed.add_argument('--log_every', default=20, type=int,
-                       help='steps between progress updates and per-step tensorboardX scalars (the only times '
+                       help='batches between progress updates and per-batch tensorboardX scalars (the only times '
                             'the host waits for the GPU)')
     speed.add_argument('--compile', nargs='?', const='default', default=None, choices=COMPILE_MODES,
                        help='torch.compile the network for training (the first steps pay for the compilation), '
