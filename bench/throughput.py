@@ -248,7 +248,8 @@ def time_loader(args, batch, augment, device):
     trainset = SYSUData(data_path, train_transform(args.img_h, args.img_w) if augment == 'loader' else as_uint8_tensor)
     sampler = UnpairedSampler(len(trainset.visible_labels), len(trainset.thermal_labels),
                               (args.epoch_steps + 1) * batch)
-    run = types.SimpleNamespace(args=args, device=device, rank=0, world_size=1)  # what engine.make_loader reads
+    run = types.SimpleNamespace(args=types.SimpleNamespace(workers=args.workers, accum_iter=1), device=device,
+                                rank=0, world_size=1)  # what engine.make_loader reads
     batches = iter(engine.make_loader(run, trainset, sampler, batch))
     next(batches)
     start = time.perf_counter()
