@@ -284,7 +284,8 @@ def test_accumulated_batches_make_one_step_on_the_mean_of_their_losses():
 
 
 def test_train_py_with_accum_iter_steps_once_every_k_batches(tmp_path, sysu_preprocessed, monkeypatch):
-    """--accum_iter 2 --steps_per_epoch 2: an epoch of 2 optimiser steps of 2 batches each, said in the log."""
+    """--accum_iter 2 --steps_per_epoch 2: an epoch of 2 optimiser steps of 2 batches each, said in the
+    log; --accum_iter 0 is refused in one sentence."""
     calls = []
     for method in ('backward', 'step'):
         original = getattr(engine.Precision, method)
@@ -295,6 +296,8 @@ def test_train_py_with_accum_iter_steps_once_every_k_batches(tmp_path, sysu_prep
                                        '--steps_per_epoch', '2', '--epochs', '1', '--accum_iter', '2'))
     assert calls == ['backward', 'backward', 'step'] * 2 and history[0]['steps'] == 2
     assert '(2 steps of 2 batches,' in next((tmp_path / 'log').glob('*.log')).read_text()
+    with pytest.raises(utils.UserError, match='--accum_iter must be at least 1, got 0.'):
+        mmgl_train.main(run_args(tmp_path / 'bad', sysu_preprocessed, '--accum_iter', '0'))
 
 
 def test_an_unknown_compile_mode_is_refused():
