@@ -381,6 +381,7 @@ def train_step(run, model, optimizer, step, batch, epoch, accumulated=0):
         optimizer.zero_grad(set_to_none=True)
     if run.args.compile:  # a new iteration: CUDA graphs (--compile reduce-overhead) may reuse their buffers
         torch.compiler.cudagraph_mark_step_begin()
+    # under DDP the processes exchange gradients in the backward pass of a step's last batch only
     with contextlib.nullcontext() if last or not run.distributed else model.no_sync():
         with run.precision.autocast():
             loss, values = step(model, visible, thermal, labels, epoch)
@@ -500,10 +501,11 @@ def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), en
         loader = epoch_loader(run, make_loader, epoch)
         stats = train_one_epoch(run, trained, optimizer, step, loader, epoch)
         steps = len(loader) // args.accum_iter  # optimiser steps
+        of_batches = f' of {args.accum_iter} batches' if args.accum_iter > 1 else ''
         stats.update(epoch=epoch, lr=lr, steps=(epoch + 1) * steps)
         shown = ' '.join(f'{name} {value:.4f}' for name, value in stats.items()
                          if name not in ('epoch', 'lr', 'steps', 'images_per_second'))
-        logger.info(f'epoch {epoch} lr {lr:.4g} {shown} ({steps} steps{f" of {args.accum_iter} batches" if args.accum_iter > 1 else ""}, '
+        logger.info(f'epoch {epoch} lr {lr:.4g} {shown} ({steps} steps{of_batches}, '
                     f'{stats["images_per_second"]:.1f} img/s, '
                     f'{utils.format_seconds(time.time() - start)})')
         if end_of_epoch is not None:
