@@ -1,14 +1,22 @@
-"""How many operators a training step dispatches: the MMGL, AGW and DDAG steps of bench/throughput.py,
-counted at the ATen level (each one the host's dispatch work; most of them a kernel launch on a GPU)
-in three phases: the forward pass with the losses, the backward pass, the optimiser step.
+"""How many operators a training step runs: the MMGL, AGW and DDAG steps of bench/throughput.py under
+torch.profiler on the CPU, in three phases: the forward pass with the losses, the backward pass, the
+optimiser step.
 
     python bench/step_ops.py          # ResNet-50; the count does not depend on the image size
 
-On a GPU each operator costs the host some microseconds of Python and dispatch, whatever the size of
-its kernel; when the count times that cost exceeds the kernels' own time, the card waits for the host
-and the step time is about count x cost, which neither mixed precision nor channels_last changes.
-The count runs on the CPU at a small image size (the same operators as on a GPU at any size), with
-the optimiser's multi-tensor (foreach) path, which PyTorch takes on GPUs by default.
+Two counts per phase. Operators: the ATen operators the step calls (each one the host's dispatch
+work). Kernels: the operators that do the work, those that call no other ATen operator, less views
+and allocations; on a GPU each is about one kernel launch. A composite operator runs several (a
+logsumexp is nine: a max, the masking of infinities, a subtraction, an exponential, a sum, a log,
+...), so the kernels can outnumber the operators. On a GPU each launch costs the host some
+microseconds whatever the size of its kernel; when the count times that cost exceeds the kernels'
+own time, the card waits for the host and the step time is about count x cost, which neither mixed
+precision nor channels_last changes. The count runs on the CPU at a small image size (the same
+operators as on a GPU at any size), with the optimiser's multi-tensor (foreach) path, which PyTorch
+takes on GPUs by default: a foreach operator counts as one kernel (on a GPU it launches one per
+chunk of tensors; on a CPU it loops over them). After the table, the operators whose kernels are
+most numerous in the forward and backward passes, by the operator the step called (in the backward
+pass, the first one under each autograd function).
 """
 import argparse
 import collections
@@ -16,7 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -24,60 +32,86 @@ from throughput import networks_and_steps, training_setup  # noqa: E402  (it put
 import utils  # noqa: E402
 from model import ARCHS  # noqa: E402
 
+# Operators that launch no kernel: views, detaches, allocations.
+NO_KERNEL = {'aten::empty', 'aten::empty_strided', 'aten::empty_like', 'aten::as_strided', 'aten::view',
+             'aten::_unsafe_view', 'aten::_reshape_alias', 'aten::reshape', 'aten::alias', 'aten::detach',
+             'aten::detach_', 'aten::t', 'aten::transpose', 'aten::permute', 'aten::expand', 'aten::unsqueeze',
+             'aten::squeeze', 'aten::slice', 'aten::select', 'aten::unfold', 'aten::lift_fresh', 'aten::resize_',
+             'aten::set_', 'aten::flatten', 'aten::view_as', 'aten::expand_as', 'aten::split', 'aten::unbind',
+             'aten::narrow', 'aten::chunk', 'aten::result_type', 'aten::real'}
 
-# Operators that launch no kernel: views and detaches (func.is_view), allocations, reshapes of a view.
-NO_KERNEL = {'aten.empty', 'aten.empty_strided', 'aten.empty_like', 'aten._unsafe_view'}
+
+def is_aten(event):
+    return event.name.startswith('aten::')
 
 
-class OperatorCount(TorchDispatchMode):
-    """Counts every ATen operator dispatched while active, by name, and apart those that launch a kernel."""
+class PhaseCount:
+    """The ATen operators of one profiled phase: `operators`, those called from outside ATen;
+    `kernels`, those that call no other (a foreach operator counts as one), less views and
+    allocations; `by_caller`, the kernels counted by the outermost ATen operator they run under."""
 
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-        self.kernels = 0
+    def __init__(self, events):
+        aten = [event for event in events if is_aten(event)]
+        self.operators = sum(1 for event in aten if not is_aten_parent(event))
+        kernels = [event for event in aten if event.name not in NO_KERNEL and not within_foreach(event)
+                   and (event.name.startswith('aten::_foreach') or not any(map(is_aten, event.cpu_children)))]
+        self.kernels = len(kernels)
+        self.by_caller = collections.Counter(outermost(event).name.removeprefix('aten::') for event in kernels)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        self.counts[name] += 1
-        self.kernels += not (func.is_view or name in NO_KERNEL)
-        return func(*args, **(kwargs or {}))
+
+def is_aten_parent(event):
+    return event.cpu_parent is not None and is_aten(event.cpu_parent)
+
+
+def outermost(event):
+    while is_aten_parent(event):
+        event = event.cpu_parent
+    return event
+
+
+def within_foreach(event):
+    while is_aten_parent(event):
+        event = event.cpu_parent
+        if event.name.startswith('aten::_foreach'):
+            return True
+    return False
+
+
+def profiled(function):
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        result = function()
+    return result, PhaseCount(profiler.events())
 
 
 def count_step(build, step):
-    """{phase: OperatorCount} of one training step after a first one (the optimiser has its state)."""
+    """{phase: PhaseCount} of one training step after a first one (the optimiser has its state)."""
     model, optimizer, (visible, thermal, labels) = training_setup(build, 8, 48, 24, torch.device('cpu'))
     for group in optimizer.param_groups:
         group['foreach'] = True  # the GPU default
     for _ in range(2):  # count the second step
-        with OperatorCount() as forward:
-            loss, _ = step(model, visible, thermal, labels, epoch=20)
-        with OperatorCount() as backward:
-            loss.backward()
-        with OperatorCount() as update:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        phases = {'forward + losses': forward, 'backward': backward, 'optimiser': update}
-    return phases
+        (loss, _), forward = profiled(lambda: step(model, visible, thermal, labels, epoch=20))
+        _, backward = profiled(loss.backward)
+        _, update = profiled(lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
+    return {'forward + losses': forward, 'backward': backward, 'optimiser': update}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--arch', default='resnet50', choices=ARCHS)
-    parser.add_argument('--top', default=8, type=int, help='the most frequent operators of the forward pass shown')
+    parser.add_argument('--top', default=8, type=int, help='the operators with the most kernels shown')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    lines = [f'ATen operators per training step, {args.arch} (counted on the CPU, foreach optimiser): all of '
-             f'them / those that launch a kernel (not views, detaches or allocations)', '',
-             '| training step | forward + losses | backward | optimiser | in all | most frequent in the forward pass |',
+    lines = [f'Operators / kernels per training step, {args.arch} (counted on the CPU, foreach optimiser; '
+             f'kernels: the operators that call no other, less views and allocations)', '',
+             '| training step | forward + losses | backward | optimiser | in all | most kernels, forward and backward |',
              '|---|---|---|---|---|---|']
     for method, (build, step) in networks_and_steps(args).items():
         phases = count_step(build, step)
-        cells = [(sum(phase.counts.values()), phase.kernels) for phase in phases.values()]
+        cells = [(phase.operators, phase.kernels) for phase in phases.values()]
         cells.append(tuple(map(sum, zip(*cells))))
-        frequent = ', '.join(f'{name.removeprefix("aten.")} {count}'
-                             for name, count in phases['forward + losses'].counts.most_common(args.top))
-        lines.append(f'| {method} | {" | ".join(f"{every} / {kernels}" for every, kernels in cells)} | {frequent} |')
+        callers = phases['forward + losses'].by_caller + phases['backward'].by_caller
+        most = ', '.join(f'{name} {count}' for name, count in callers.most_common(args.top))
+        lines.append(f'| {method} | {" | ".join(f"{operators} / {kernels}" for operators, kernels in cells)} | {most} |')
     print('\n'.join(lines))
 
 

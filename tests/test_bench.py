@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO_ROOT / 'bench'))
 import curve_lag  # noqa: E402
 import finetune_flags_study  # noqa: E402
 import pretext_study  # noqa: E402
+import step_ops  # noqa: E402
 import step_profile  # noqa: E402
 import study_tools  # noqa: E402
 import stream_gap  # noqa: E402
@@ -27,7 +28,7 @@ import throughput  # noqa: E402
 import train as mmgl_train  # noqa: E402
 import data_loader  # noqa: E402
 from data_manager import read_split_ids  # noqa: E402
-from model import MMGLNet  # noqa: E402
+from model import MMGLNet, sinkhorn  # noqa: E402
 
 
 def parsed(flags):
@@ -324,6 +325,19 @@ def test_flops_per_image_count_the_backward_pass_and_not_the_batch():
         network.feature_map(torch.randn(1, 3, 48, 24), torch.randn(1, 3, 48, 24))
     backbone_forward = forward.get_total_flops() / 2 / 1e9
     assert 2.5 * backbone_forward < per_image[0] < 3.5 * backbone_forward  # backward about twice the forward
+
+
+def test_step_ops_counts_the_kernels_inside_an_operator_and_none_for_a_view():
+    matrices, tensors = torch.randn(4, 6, 6), [torch.zeros(3) for _ in range(5)]
+    _, count = step_ops.profiled(lambda: torch.logsumexp(matrices, dim=2).view(-1))
+    assert (count.operators, count.kernels) == (2, 9) and set(count.by_caller) == {'logsumexp'}
+    _, count = step_ops.profiled(lambda: torch._foreach_add_(tensors, 1.0))  # one multi-tensor kernel on a GPU
+    assert (count.operators, count.kernels) == (1, 1)
+    scores = torch.randn(4, 6, 6, requires_grad=True)
+    matrices, count = step_ops.profiled(lambda: sinkhorn(scores, num_iter=3))
+    assert count.kernels == 1 + 2 * 3 + 1  # the temperature, two normalisations an iteration, the exponential
+    _, count = step_ops.profiled(lambda: matrices.sum().backward())
+    assert count.by_caller['_log_softmax_backward_data'] == 6
 
 
 def test_stream_gap_reestimates_each_stem_on_its_own_modality(tmp_path, sysu_preprocessed):

@@ -81,6 +81,27 @@ def test_sinkhorn_gives_doubly_stochastic_matrices():
     assert torch.allclose(sharp, permutation_matrices(torch.tensor([[2, 0, 1]])), atol=1e-3)
 
 
+def test_sinkhorn_is_alternate_row_and_column_normalisation_in_log_space_with_its_gradient():
+    """log_softmax is x - logsumexp(x): the textbook iteration, in values and gradients."""
+    def textbook(logits, num_iter, tau):
+        log_alpha = logits / tau
+        for _ in range(num_iter):
+            log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=2, keepdim=True)
+            log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=1, keepdim=True)
+        return log_alpha.exp()
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(16, 6, 6, generator=generator, dtype=torch.float64) * 3
+    upstream = torch.randn(16, 6, 6, generator=generator, dtype=torch.float64)
+    for num_iter, tau in ((20, 1.0), (5, 0.3)):
+        ours, reference = scores.clone().requires_grad_(), scores.clone().requires_grad_()
+        matrices, expected = sinkhorn(ours, num_iter, tau), textbook(reference, num_iter, tau)
+        torch.autograd.backward((matrices, expected), (upstream, upstream))
+        assert torch.allclose(matrices, expected, rtol=0, atol=1e-12)
+        assert torch.allclose(ours.grad, reference.grad, rtol=0, atol=1e-12)
+        assert ours.grad.abs().max() > 1e-3  # a gradient that reaches the scores
+
+
 def test_random_permutations_are_uniform_permutations():
     generator = torch.Generator().manual_seed(0)
     permutations = random_permutations(36000, 3, generator=generator)
