@@ -33,30 +33,16 @@ import utils  # noqa: E402
 from model import ARCHS  # noqa: E402
 
 # Operators that launch no kernel: views, detaches, allocations.
-NO_KERNEL = {'aten::empty', 'aten::empty_strided', 'aten::empty_like', 'aten::as_strided', 'aten::view',
-             'aten::_unsafe_view', 'aten::_reshape_alias', 'aten::reshape', 'aten::alias', 'aten::detach',
-             'aten::detach_', 'aten::t', 'aten::transpose', 'aten::permute', 'aten::expand', 'aten::unsqueeze',
-             'aten::squeeze', 'aten::slice', 'aten::select', 'aten::unfold', 'aten::lift_fresh', 'aten::resize_',
-             'aten::set_', 'aten::flatten', 'aten::view_as', 'aten::expand_as', 'aten::split', 'aten::unbind',
-             'aten::narrow', 'aten::chunk', 'aten::result_type', 'aten::real'}
+NO_KERNEL = {'aten::empty', 'aten::empty_strided', 'aten::empty_like', 'aten::as_strided', 'aten::as_strided_',
+             'aten::view', 'aten::_unsafe_view', 'aten::_reshape_alias', 'aten::reshape', 'aten::alias',
+             'aten::detach', 'aten::detach_', 'aten::t', 'aten::transpose', 'aten::permute', 'aten::expand',
+             'aten::unsqueeze', 'aten::squeeze', 'aten::slice', 'aten::select', 'aten::unfold', 'aten::lift_fresh',
+             'aten::resize_', 'aten::set_', 'aten::flatten', 'aten::view_as', 'aten::expand_as', 'aten::split',
+             'aten::unbind', 'aten::narrow', 'aten::chunk', 'aten::result_type', 'aten::real'}
 
 
 def is_aten(event):
     return event.name.startswith('aten::')
-
-
-class PhaseCount:
-    """The ATen operators of one profiled phase: `operators`, those called from outside ATen;
-    `kernels`, those that call no other (a foreach operator counts as one), less views and
-    allocations; `by_caller`, the kernels counted by the outermost ATen operator they run under."""
-
-    def __init__(self, events):
-        aten = [event for event in events if is_aten(event)]
-        self.operators = sum(1 for event in aten if not is_aten_parent(event))
-        kernels = [event for event in aten if event.name not in NO_KERNEL and not within_foreach(event)
-                   and (event.name.startswith('aten::_foreach') or not any(map(is_aten, event.cpu_children)))]
-        self.kernels = len(kernels)
-        self.by_caller = collections.Counter(outermost(event).name.removeprefix('aten::') for event in kernels)
 
 
 def is_aten_parent(event):
@@ -69,12 +55,36 @@ def outermost(event):
     return event
 
 
-def within_foreach(event):
-    while is_aten_parent(event):
-        event = event.cpu_parent
-        if event.name.startswith('aten::_foreach'):
-            return True
-    return False
+class PhaseCount:
+    """The ATen operators of one profiled phase: `operators`, those called from outside ATen;
+    `kernels`, those that do work themselves: not a view or an allocation, and calling no operator
+    that does (a foreach operator counts as one, whatever it calls); `by_caller`, the kernels counted
+    by the outermost ATen operator they run under."""
+
+    def __init__(self, events):
+        aten = [event for event in events if is_aten(event)]
+        self.operators = sum(1 for event in aten if not is_aten_parent(event))
+        kernels = [event for event in aten if self.is_kernel(event)]
+        self.kernels = len(kernels)
+        self.by_caller = collections.Counter(outermost(event).name.removeprefix('aten::') for event in kernels)
+
+    @staticmethod
+    def works(event):
+        """Whether the event or one under it launches a kernel."""
+        return event.name not in NO_KERNEL or any(PhaseCount.works(child) for child in event.cpu_children
+                                                  if is_aten(child))
+
+    @staticmethod
+    def is_kernel(event):
+        parent = event.cpu_parent
+        while parent is not None and is_aten(parent):  # the work of a foreach operator is its own
+            if parent.name.startswith('aten::_foreach'):
+                return False
+            parent = parent.cpu_parent
+        if event.name in NO_KERNEL:
+            return False
+        return event.name.startswith('aten::_foreach') or not any(
+            PhaseCount.works(child) for child in event.cpu_children if is_aten(child))
 
 
 def profiled(function):
@@ -102,7 +112,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     lines = [f'Operators / kernels per training step, {args.arch} (counted on the CPU, foreach optimiser; '
-             f'kernels: the operators that call no other, less views and allocations)', '',
+             f'kernels: the operators that do the work, less views and allocations)', '',
              '| training step | forward + losses | backward | optimiser | in all | most kernels, forward and backward |',
              '|---|---|---|---|---|---|']
     for method, (build, step) in networks_and_steps(args).items():

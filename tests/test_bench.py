@@ -333,6 +333,9 @@ def test_step_ops_counts_the_kernels_inside_an_operator_and_none_for_a_view():
     assert (count.operators, count.kernels) == (2, 9) and set(count.by_caller) == {'logsumexp'}
     _, count = step_ops.profiled(lambda: torch._foreach_add_(tensors, 1.0))  # one multi-tensor kernel on a GPU
     assert (count.operators, count.kernels) == (1, 1)
+    convolution, batch_norm = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)  # their own outputs allocated
+    _, count = step_ops.profiled(lambda: batch_norm(convolution(torch.ones(2, 3, 8, 8))))
+    assert count.by_caller == {'ones': 1, 'conv2d': 1, 'add_': 1, 'batch_norm': 1}  # add_: the batches tracked
     scores = torch.randn(4, 6, 6, requires_grad=True)
     matrices, count = step_ops.profiled(lambda: sinkhorn(scores, num_iter=3))
     assert count.kernels == 1 + 2 * 3 + 1  # the temperature, two normalisations an iteration, the exponential
