@@ -16,6 +16,7 @@ import utils
 from utils import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / 'bench'))
+import compare_studies  # noqa: E402
 import curve_lag  # noqa: E402
 import finetune_flags_study  # noqa: E402
 import pretext_study  # noqa: E402
@@ -168,6 +169,29 @@ def test_seed_study_runs_each_seed_apart_and_tabulates_the_spread_and_the_paired
     assert (tmp_path / 'seeds.png').stat().st_size > 0
     with pytest.raises(SystemExit, match='--seeds'):
         pretext_study.main(['--out', str(tmp_path), '--seeds', '0,one'])
+
+
+def test_compare_studies_puts_one_variant_of_several_studies_side_by_side_on_their_common_seeds(tmp_path):
+    def study(folder, test_exact):  # {seed: test exact} of the default variant, with another variant beside
+        for seed, exact in test_exact.items():
+            runs = [{'name': name, 'flags': [], 'history': [{'epoch': 0, 'perm_exact': exact + 0.1}],
+                     'test': {'perm_exact': exact + shift, 'perm_stripe': 0.5}}
+                    for name, shift in (('default+amp', 0.5), ('default', 0.0))]
+            (tmp_path / folder / f'seed{seed}').mkdir(parents=True)
+            (tmp_path / folder / f'seed{seed}' / 'results.json').write_text(json.dumps(runs))
+        return f'{folder}={tmp_path / folder}'
+
+    before, after = study('before', {0: 0.30, 1: 0.40, 2: 0.50}), study('after', {0: 0.20, 1: 0.40})
+    compare_studies.main(['--out', str(tmp_path / 'compared'), before, after])
+    table = (tmp_path / 'compared' / 'compared.md').read_text()
+    assert 'seeds 0, 1:' in table  # seed 2 is the first study's alone
+    assert '| before | 30.0 / 40.0 | 35.0 ± 7.1 |' in table
+    assert '| after | 20.0 / 40.0 | 30.0 ± 14.1 (-5.0 ± 5.0) |' in table
+    assert (tmp_path / 'compared' / 'compared.png').stat().st_size > 0
+    with pytest.raises(utils.UserError, match='no run of the variant default[+]fast'):
+        compare_studies.main(['--out', str(tmp_path / 'compared'), '--variant', 'default+fast', before, after])
+    with pytest.raises(utils.UserError, match='holds no seed'):
+        compare_studies.main(['--out', str(tmp_path / 'compared'), before, f'empty={tmp_path}'])
 
 
 def test_finetune_flags_study_runs_a_larger_global_batch_in_one_process_and_under_torchrun(tmp_path, sysu_preprocessed):
