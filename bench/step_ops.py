@@ -45,46 +45,39 @@ def is_aten(event):
     return event.name.startswith('aten::')
 
 
-def is_aten_parent(event):
-    return event.cpu_parent is not None and is_aten(event.cpu_parent)
-
-
-def outermost(event):
-    while is_aten_parent(event):
+def aten_ancestors(event):
+    """The ATen operators an event runs under, innermost first."""
+    while event.cpu_parent is not None and is_aten(event.cpu_parent):
         event = event.cpu_parent
-    return event
+        yield event
+
+
+def launches(event):
+    """Whether the event, or an operator under it, launches a kernel."""
+    return event.name not in NO_KERNEL or any(launches(child) for child in event.cpu_children if is_aten(child))
+
+
+def is_kernel(event):
+    """Whether the event does work itself: not a view or an allocation, and calling no operator that
+    launches a kernel; a foreach operator counts as one kernel, whatever it calls."""
+    if event.name in NO_KERNEL or any(outer.name.startswith('aten::_foreach') for outer in aten_ancestors(event)):
+        return False
+    return event.name.startswith('aten::_foreach') or not any(
+        launches(child) for child in event.cpu_children if is_aten(child))
 
 
 class PhaseCount:
     """The ATen operators of one profiled phase: `operators`, those called from outside ATen;
-    `kernels`, those that do work themselves: not a view or an allocation, and calling no operator
-    that does (a foreach operator counts as one, whatever it calls); `by_caller`, the kernels counted
-    by the outermost ATen operator they run under."""
+    `kernels`, those that do work themselves (is_kernel); `by_caller`, the kernels counted by the
+    outermost ATen operator they run under."""
 
     def __init__(self, events):
         aten = [event for event in events if is_aten(event)]
-        self.operators = sum(1 for event in aten if not is_aten_parent(event))
-        kernels = [event for event in aten if self.is_kernel(event)]
+        self.operators = sum(1 for event in aten if not any(aten_ancestors(event)))
+        kernels = [event for event in aten if is_kernel(event)]
         self.kernels = len(kernels)
-        self.by_caller = collections.Counter(outermost(event).name.removeprefix('aten::') for event in kernels)
-
-    @staticmethod
-    def works(event):
-        """Whether the event or one under it launches a kernel."""
-        return event.name not in NO_KERNEL or any(PhaseCount.works(child) for child in event.cpu_children
-                                                  if is_aten(child))
-
-    @staticmethod
-    def is_kernel(event):
-        parent = event.cpu_parent
-        while parent is not None and is_aten(parent):  # the work of a foreach operator is its own
-            if parent.name.startswith('aten::_foreach'):
-                return False
-            parent = parent.cpu_parent
-        if event.name in NO_KERNEL:
-            return False
-        return event.name.startswith('aten::_foreach') or not any(
-            PhaseCount.works(child) for child in event.cpu_children if is_aten(child))
+        self.by_caller = collections.Counter([event, *aten_ancestors(event)][-1].name.removeprefix('aten::')
+                                             for event in kernels)
 
 
 def profiled(function):
