@@ -41,11 +41,12 @@ def main(argv=None):
     parser.add_argument('--variant', default='default', help='the variant compared')
     parser.add_argument('--out', required=True, help='folder of compared.md and compared.png')
     args = parser.parse_args(argv)
-    for label, folder in args.studies:
-        if not seeds_of(folder):
+    found = [seeds_of(folder) for _, folder in args.studies]
+    for (label, folder), seeds in zip(args.studies, found):
+        if not seeds:
             raise utils.UserError(f'{folder} ({label}) holds no seed<N>/results.json: give the --out folder of a '
                                   'pretext study run with --seeds.')
-    seeds = sorted(set.intersection(*(seeds_of(folder) for _, folder in args.studies)))
+    seeds = sorted(set.intersection(*found))
     if not seeds:
         raise utils.UserError('the studies share no seed: run them with the same --seeds.')
     by_seed = {}
