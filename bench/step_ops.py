@@ -5,8 +5,8 @@ optimiser step.
     python bench/step_ops.py          # ResNet-50; the count does not depend on the image size
 
 Two counts per phase. Operators: the ATen operators the step calls (each one the host's dispatch
-work). Kernels: the operators that do the work, those that call no other ATen operator, less views
-and allocations; on a GPU each is about one kernel launch. A composite operator runs several (a
+work). Kernels: the operators that do work themselves, calling none that does (views and
+allocations do none); on a GPU each is about one kernel launch. A composite operator runs several (a
 logsumexp is nine: a max, the masking of infinities, a subtraction, an exponential, a sum, a log,
 ...), so the kernels can outnumber the operators. On a GPU each launch costs the host some
 microseconds whatever the size of its kernel; when the count times that cost exceeds the kernels'
@@ -52,9 +52,13 @@ def aten_ancestors(event):
         yield event
 
 
+def aten_children(event):
+    return [child for child in event.cpu_children if is_aten(child)]
+
+
 def launches(event):
     """Whether the event, or an operator under it, launches a kernel."""
-    return event.name not in NO_KERNEL or any(launches(child) for child in event.cpu_children if is_aten(child))
+    return event.name not in NO_KERNEL or any(map(launches, aten_children(event)))
 
 
 def is_kernel(event):
@@ -62,8 +66,7 @@ def is_kernel(event):
     launches a kernel; a foreach operator counts as one kernel, whatever it calls."""
     if event.name in NO_KERNEL or any(outer.name.startswith('aten::_foreach') for outer in aten_ancestors(event)):
         return False
-    return event.name.startswith('aten::_foreach') or not any(
-        launches(child) for child in event.cpu_children if is_aten(child))
+    return event.name.startswith('aten::_foreach') or not any(map(launches, aten_children(event)))
 
 
 class PhaseCount:
