@@ -7,8 +7,10 @@ the engine does the rest, written once for the three:
                                     files named by flags, torchrun's process group, device, seed, data,
                                     logger, tensorboardX (process 0 alone logs and writes files)
     training_set(run)               the training images, augmented in the loader or on the device
+                                    (--data_on_device: held there)
     make_loader(run, dataset, sampler, batch_size)
                                     a DataLoader over this process's share of the sampler's draw
+                                    (a DeviceLoader over images held on the device)
     fit(run, model, optimizer, step, make_loader, milestones, ...)
                                     the epoch loop: learning-rate schedule, train_one_epoch,
                                     end_of_epoch, the log line, <run>_state.t, resume, DDP (one draw
@@ -53,7 +55,8 @@ from tqdm import tqdm
 
 import utils
 from augment import random_augment
-from data_loader import RankShare, RegDBData, SYSUData, as_uint8_tensor, prepare_dataset, train_transform
+from data_loader import (DeviceArrays, DeviceLoader, RankShare, RegDBData, SYSUData, as_uint8_tensor, prepare_dataset,
+                         train_transform)
 
 STATE_KEYS = ('model', 'optimizer', 'epoch', 'rng', 'args')
 
@@ -206,6 +209,9 @@ def start_run(args, name, title, state_file='', pretrained_file=''):
                          ('log_every', '--log_every'), ('accum_iter', '--accum_iter')):
         if getattr(args, flag) < 1:
             raise utils.UserError(f'{option} must be at least 1, got {getattr(args, flag)}.')
+    if args.data_on_device and args.augment != 'device':
+        raise utils.UserError('--data_on_device holds the training images on the device as uint8 arrays, which the '
+                              'device augments: add --augment device.')
     state_file = utils.find_checkpoint(state_file, args.model_path) if state_file else None
     pretrained_file = utils.find_checkpoint(pretrained_file, args.model_path) if pretrained_file else None
     rank, world_size, local_rank = init_distributed()
@@ -240,7 +246,8 @@ def start_run(args, name, title, state_file='', pretrained_file=''):
 def training_set(run):
     """The training images: SYSU-MM01 (or synthetic) from its pre-processed arrays, or RegDB split
     --trial loaded at --img_w x --img_h; with the training augmentation, or as uint8 arrays when it
-    runs on the device (run.batch_to_device). Logs their counts."""
+    runs on the device (run.batch_to_device), and with --data_on_device held there (DeviceArrays).
+    Logs their counts."""
     args = run.args
     transform = as_uint8_tensor if run.augment_on_device else train_transform(args.img_h, args.img_w)
     if args.dataset == 'regdb':
@@ -249,13 +256,19 @@ def training_set(run):
         trainset = SYSUData(run.data_path, transform)
     for modality, labels in (('visible', trainset.visible_labels), ('thermal', trainset.thermal_labels)):
         run.logger.info(f'  {modality:8s} | {len(np.unique(labels)):5d} ids | {len(labels):8d} images')
+    if args.data_on_device:
+        trainset = DeviceArrays(trainset, run.device)
+        run.logger.info(f'  held on {run.device}: {trainset.nbytes / 2 ** 30:.2f} GiB')
     return trainset
 
 
 def make_loader(run, dataset, sampler, batch_size):
     """A DataLoader of batch_size items over this process's share of the sampler's draw (RankShare), in
-    whole optimiser steps of --accum_iter batches."""
+    whole optimiser steps of --accum_iter batches; over a training set held on the device
+    (DeviceArrays), a DeviceLoader of the same batches."""
     share = RankShare(sampler, batch_size, run.rank, run.world_size, run.args.accum_iter)
+    if isinstance(dataset, DeviceArrays):
+        return DeviceLoader(dataset, share, batch_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=share, num_workers=run.args.workers, drop_last=True,
                       pin_memory=run.device.type == 'cuda')
 

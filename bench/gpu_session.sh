@@ -10,10 +10,13 @@
 #   compile     the three training steps at 32+32, amp + channels_last, with --compile reduce-overhead (the
 #               network in CUDA graphs) and with the whole step compiled (losses too; a bench row, not a
 #               flag), and the whole train.py epoch with --compile reduce-overhead              150 s
-#   batches     the MMGL step and whole epochs at 64+64 and 128+128 images, amp + channels_last with
-#               and without --compile reduce-overhead (is 5,000 images/s a matter of batch size?) 160 s
 #   profile     bench/step_profile.py: how busy the GPU is in the MMGL and AGW steps (fp32, amp +
 #               channels_last) and their costliest operators                                    45 s
+#   batches     the MMGL step at 64+64 and 128+128 images, amp + channels_last with and without
+#               --compile reduce-overhead (is 5,000 images/s a matter of batch size?), the loader alone
+#               (the main process's CPU time a batch), and whole epochs with --amp --channels_last
+#               --augment device, through loader processes and with --data_on_device, and with both
+#               that and --compile reduce-overhead                                        what is left, up to 160 s
 #   throughput  bench/throughput.py's plain rows at 32+32 (measured before the host-wait fix): the three
 #               training steps in fp32, --amp, --amp [fp16] --channels_last, and whole train.py epochs
 #               without --compile                                                    what is left, up to 150 s
@@ -26,7 +29,7 @@
 # NVIDIA H200 sessions of 2026-11-26 ran `throughput pair` and `onestream` (before and after the one-stream
 # stem fix: README, Full size on a GPU); what is left is one call of under 10 minutes, the stages in
 # the order of what the issue needs most:
-#   bash bench/gpu_session.sh                        # default: precompile compile batches profile throughput
+#   bash bench/gpu_session.sh                        # default: precompile compile profile batches throughput
 #   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48 (on a CPU
 #                                                    # without bfloat16 the --amp rows fail with --amp's sentence)
 # Every stage ends by DEADLINE_S (default 570) seconds after the start, whatever its own length, so that
@@ -43,7 +46,7 @@
 # the call's carry).
 set -uo pipefail
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(precompile compile batches profile throughput)
+[ ${#stages[@]} -eq 0 ] && stages=(precompile compile profile batches throughput)
 deadline=$(( SECONDS + ${DEADLINE_S:-570} ))
 out=${OUT:-gpu_out}
 work=${WORK:-/tmp/gpu_session}
@@ -152,7 +155,8 @@ for stage in "${stages[@]}"; do
                --epoch_flags='--amp --channels_last --augment device --compile reduce-overhead' ;;
     batches) rows batches "$seconds" "${batches_rows[@]}" \
                --epoch_flags='--amp --channels_last --augment device' \
-               --epoch_flags='--amp --channels_last --augment device --compile reduce-overhead' ;;
+               --epoch_flags='--amp --channels_last --augment device --data_on_device' \
+               --epoch_flags='--amp --channels_last --augment device --data_on_device --compile reduce-overhead' ;;
     profile) timeout "$seconds" python bench/step_profile.py "${size[@]}" "${profile_flags[@]}" \
                --out "$work/profile.md" > "$work/profile.log" 2>&1 ;;
     throughput) throughput throughput "$seconds" --precisions 'fp32,amp,amp + channels_last,amp fp16 + channels_last' \

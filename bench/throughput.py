@@ -16,8 +16,8 @@ network and losses, where --compile compiles the network alone); on a GPU one mo
 synchronisation debug mode, which counts the times the host waits for the GPU. TFLOP/s is the
 step's convolution and matrix-product arithmetic (torch.utils.flop_counter, forward and backward;
 batch norm and elementwise work uncounted) over its time, to hold against the card's peak. The
-loader rows time pre-training's loader on its own (no step), with the augmentation in it and
-without. The epoch
+loader rows time pre-training's loader on its own (no step), with the augmentation in it, without,
+and over the images held on the device (--data_on_device), with the main process's CPU time a batch. The epoch
 figures run train.main on the synthetic set (generated on first use), two epochs of --epoch_steps
 steps, and report the second (the first pays for start-up); with --nproc_per_node N they run
 train.py under torchrun with 1 process and with N, and give the speed-up of N, the scaling a
@@ -44,7 +44,8 @@ from AGW import train as agw_train  # noqa: E402
 from AGW.agw_model import build_net as build_agw  # noqa: E402
 from DDAG import train_ddag  # noqa: E402
 from DDAG.ddag_model import build_net as build_ddag  # noqa: E402
-from data_loader import SYSUData, UnpairedSampler, as_uint8_tensor, prepare_dataset, train_transform  # noqa: E402
+from data_loader import (DeviceArrays, SYSUData, UnpairedSampler, as_uint8_tensor, prepare_dataset,  # noqa: E402
+                         train_transform)
 from model import ARCHS, MMGLNet  # noqa: E402
 from study_tools import publish, read_history, torchrun  # noqa: E402
 
@@ -239,32 +240,50 @@ def time_epochs(args, batch, extra_flags, processes=0):
         return read_history(run_log)[-1]['images_per_second']
 
 
-def time_loader(args, batch, augment, device):
-    """images/s (both modalities) that pre-training's loader yields on its own, --epoch_steps batches
-    after the first (which pays for starting the --workers processes): with --augment loader they
-    crop, flip and normalise every image with PIL; with --augment device they only hand over the
-    uint8 arrays, which the device then augments in the step."""
+# The loader rows: how pre-training's batches come to the step.
+LOADER_ROWS = {'loader': '--augment loader', 'device': '--augment device',
+               'held': '--augment device --data_on_device'}
+
+
+def time_loader(args, batch, where, device):
+    """(images/s (both modalities) that pre-training's loader yields on its own, the main process's CPU
+    milliseconds a batch), over --epoch_steps batches after the first (which pays for starting the
+    --workers processes): with --augment loader they crop, flip and normalise every image with PIL;
+    with --augment device they only hand over the uint8 arrays, which the device then augments in
+    the step; with --data_on_device the batches are gathered from the images held on the device,
+    with no loader processes (on a CPU the main process then does the gathering itself). The main
+    process's time is the host's: on a GPU whose step waits for the host, it adds to every step."""
     data_path = prepare_dataset('synthetic', args.data_path, need_train_arrays=True)
-    trainset = SYSUData(data_path, train_transform(args.img_h, args.img_w) if augment == 'loader' else as_uint8_tensor)
+    trainset = SYSUData(data_path, train_transform(args.img_h, args.img_w) if where == 'loader' else as_uint8_tensor)
+    if where == 'held':
+        trainset = DeviceArrays(trainset, device)
     sampler = UnpairedSampler(len(trainset.visible_labels), len(trainset.thermal_labels),
                               (args.epoch_steps + 1) * batch)
     run = types.SimpleNamespace(args=types.SimpleNamespace(workers=args.workers, accum_iter=1), device=device,
                                 rank=0, world_size=1)  # what engine.make_loader reads
     batches = iter(engine.make_loader(run, trainset, sampler, batch))
     next(batches)
-    start = time.perf_counter()
+    start, host_start = time.perf_counter(), time.process_time()
     images = sum(len(visible) + len(thermal) for visible, thermal, _, _ in batches)
-    return images / (time.perf_counter() - start)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    host_milliseconds = 1000 * (time.process_time() - host_start) / args.epoch_steps
+    return images / (time.perf_counter() - start), host_milliseconds
 
 
 def images_per_second_row(label, batch, measure, baseline=None, processes=1):
     """(a table row of the images/s that measure() returns, printed as it comes, and that figure); a
     failure stays in the table (figure None). With baseline (the figure of one process), the cell adds
-    the speed-up of `processes` over it and its share of linear."""
+    the speed-up of `processes` over it and its share of linear. A measure that returns (images/s, host
+    milliseconds a batch), the loader's, shows both."""
     figure = None
     try:
         figure = measure()
-        cell = f'{figure:.0f}'
+        if isinstance(figure, tuple):
+            figure, host_milliseconds = figure
+            cell = f'{figure:.0f} (main process: {host_milliseconds:.2f} ms of CPU a batch)'
+        else:
+            cell = f'{figure:.0f}'
     except Exception as error:
         cell = failure(error)
     if figure is not None and baseline:
@@ -323,9 +342,9 @@ def main(argv=None):
                     step_rows[method, batch, name] = row
                     print(row, flush=True)
         for batch in args.batch if args.epoch_steps and 'mmgl' in args.methods and not compiled else ():
-            for augment in ('loader', 'device'):
-                epoch_rows[batch, augment], _ = images_per_second_row(
-                    f'the loader alone, --augment {augment}', batch, lambda: time_loader(args, batch, augment, device))
+            for where, flags in LOADER_ROWS.items():
+                epoch_rows[batch, where], _ = images_per_second_row(
+                    f'the loader alone, {flags}', batch, lambda: time_loader(args, batch, where, device))
         for batch in args.batch if args.epoch_steps and 'mmgl' in args.methods else ():
             for flags in epoch_flags:
                 if ('--compile' in flags) != compiled:
@@ -350,7 +369,7 @@ def main(argv=None):
         lines += ['', f'| whole train.py epoch of {args.epoch_steps} steps (--pcc --part), or its loader alone '
                       '| images a step | images/s |',
                   '|---|---|---|',
-                  *(epoch_rows[key] for batch in args.batch for row in ('loader', 'device', *epoch_flags)
+                  *(epoch_rows[key] for batch in args.batch for row in (*LOADER_ROWS, *epoch_flags)
                     for key in [(batch, row), *((batch, row, processes) for processes in launches)]
                     if key in epoch_rows)]
     publish('\n'.join(lines), args.out)

@@ -285,9 +285,13 @@ def test_throughput_times_each_method_at_each_batch_and_refuses_unknown_methods(
     epoch_rows = [line.split(' | ') for line in lines if line.startswith('| --augment device')]
     assert [row[1] for row in epoch_rows] == ['2+2', '3+3'] and all(float(row[2][:-2]) > 0 for row in epoch_rows)
     loader_rows = [line.split(' | ') for line in lines if line.startswith('| the loader alone')]
-    assert [(row[0][-6:], row[1]) for row in loader_rows] == [('loader', '2+2'), ('device', '2+2'),
-                                                            ('loader', '3+3'), ('device', '3+3')]
-    assert all(float(row[2][:-2]) > 0 for row in loader_rows)
+    assert [(row[0].split(', ')[1], row[1]) for row in loader_rows] == [
+        (flags, batch) for batch in ('2+2', '3+3')
+        for flags in ('--augment loader', '--augment device', '--augment device --data_on_device')]
+    for row in loader_rows:  # images/s (main process: ms of CPU a batch)
+        images_per_second, host_milliseconds = re.fullmatch(r'(\d+) \(main process: ([\d.]+) ms of CPU a batch\) \|',
+                                                            row[2]).groups()
+        assert int(images_per_second) > 0 and float(host_milliseconds) >= 0
     with pytest.raises(utils.UserError, match='--methods: unknown agv'):
         throughput.main(['--methods', 'mmgl,agv'])
 

@@ -112,12 +112,15 @@ def test_agw_and_ddag_under_torchrun(tmp_path, sysu_preprocessed):
     best = utils.load_checkpoint(tmp_path / 'agw' / 'save_model' / f'{name}_best.t')
     agw_net(7, arch='resnet18').load_state_dict(best['net'])
 
-    # with --accum_iter 2, the processes exchange gradients after every second batch only (DDP's no_sync)
+    # with --accum_iter 2, the processes exchange gradients after every second batch only (DDP's no_sync);
+    # each holds the images on its device
     torchrun('DDAG/train_ddag.py', *run_args(tmp_path / 'ddag', sysu_preprocessed, *flags, '--wpa', '--graph',
-                                             '--low-dim', '16', '--nheads', '2', '--accum_iter', '2'))
+                                             '--low-dim', '16', '--nheads', '2', '--accum_iter', '2',
+                                             '--augment', 'device', '--data_on_device'))
     name = 'synthetic_G_P_3_drop_0.2_2_2_lr_0.1_seed_0'
     log = log_of(tmp_path / 'ddag', name)
     assert 'the 2 processes end with the same weights' in log and 'ATT:' in log and 'wG' in log
+    assert 'held on cpu' in log
     assert ' of 2 batches,' in log
     state = utils.load_checkpoint(tmp_path / 'ddag' / 'save_model' / f'{name}_state.t')
     ddag_net(16, 7, nheads=2, arch='resnet18', wpa=True).load_state_dict(state['model'])

@@ -1,5 +1,5 @@
 """The training engine's speed features on the CPU: mixed precision, augmentation on the device,
-channels-last, device-side permutation decoding."""
+images held on the device, channels-last, device-side permutation decoding."""
 import argparse
 import contextlib
 import copy
@@ -19,6 +19,7 @@ from AGW import train as agw_train
 from AGW.agw_model import build_net as build_agw
 from DDAG import train_ddag
 from DDAG.ddag_model import build_net as build_ddag
+from data_loader import DeviceArrays, DeviceLoader, RankShare, SYSUData, UnpairedSampler, as_uint8_tensor
 from loss import decode_permutations
 from model import MMGLNet, sinkhorn
 from tests.helpers import run_args
@@ -365,3 +366,68 @@ def test_ghost_batch_norm_reaches_the_run_and_refuses_what_it_cannot_do(tmp_path
     for bad in (('--ghost_bn', '0'), ('--ghost_bn', '2', '--sync_bn')):
         with pytest.raises(utils.UserError, match='--ghost_bn must be at least 1 and cannot go with --sync_bn'):
             mmgl_train.main(run_args(tmp_path / 'bad', sysu_preprocessed, *flags, *bad))
+
+
+@pytest.mark.parametrize('world_size, accum_iter', [(1, 1), (2, 2)])
+def test_a_device_loader_gives_the_batches_of_a_dataloader_and_draws_alike(sysu_preprocessed, world_size, accum_iter):
+    """--data_on_device: DeviceLoader's batches over the images held on the device are the DataLoader's
+    over the dataset (the same images, labels, dtypes and count, for each process's share), and
+    iterating either leaves torch's generator in the same state."""
+    trainset = SYSUData(sysu_preprocessed, as_uint8_tensor)
+    held = DeviceArrays(trainset, torch.device('cpu'))
+    assert len(held) == len(trainset) and held.nbytes == sum(array.nbytes for array in (
+        trainset.visible_images, trainset.thermal_images)) + 8 * (len(trainset) + len(trainset.thermal_labels))
+    for rank in range(world_size):
+        loaders = {}
+        for kind in ('dataloader', 'device'):
+            torch.manual_seed(0)
+            sampler = RankShare(UnpairedSampler(len(trainset), len(trainset.thermal_labels), 22), 3, rank, world_size,
+                                accum_iter)
+            loader = (DataLoader(trainset, batch_size=3, sampler=sampler, drop_last=True) if kind == 'dataloader'
+                      else DeviceLoader(held, sampler, 3))
+            loaders[kind] = (len(loader), list(loader), torch.rand(1))
+        (count, batches, after), (device_count, device_batches, device_after) = loaders.values()
+        assert count == device_count == len(batches) == len(device_batches) == (2 if world_size > 1 else 7)
+        for batch, device_batch in zip(batches, device_batches):
+            for part, device_part in zip(batch, device_batch):
+                assert part.dtype == device_part.dtype and torch.equal(part, device_part)
+        assert torch.equal(after, device_after)
+
+
+def test_a_device_loader_copies_from_host_memory_once_an_epoch(sysu_preprocessed):
+    """The images are copied to the device once a run, the epoch's draw once an epoch; its batches are
+    gathered there with nothing that makes a GPU's host wait (on the meta device, under HostWaits)."""
+    held = DeviceArrays(SYSUData(sysu_preprocessed, as_uint8_tensor), torch.device('meta'))
+    assert all(tensor.device.type == 'meta' for tensor in held.on_device.values())
+    pairs = list(UnpairedSampler(len(held), len(held.thermal_labels), 12))  # drawn in host memory, as on a GPU
+    with HostWaits() as recorder:
+        batches = list(DeviceLoader(held, pairs, 4))
+    assert len(batches) == 3 and recorder.waits == ['to from host memory']
+    assert [tuple(part.shape) for part in batches[0]] == [(4, *held.on_device['visible_images'].shape[1:]),
+                                                         (4, *held.on_device['thermal_images'].shape[1:]), (4,), (4,)]
+
+
+@pytest.mark.parametrize('script', ['mmgl', 'agw'])
+def test_data_on_device_trains_what_the_loader_trains(tmp_path, sysu_preprocessed, script):
+    """train.py and AGW/train.py with --augment device end two epochs with the same statistics and
+    weights whether the images come through loader processes or are held on the device."""
+    main, flags, weights = {
+        'mmgl': (mmgl_train.main, ('--steps_per_epoch', '3', '--batch-size', '4', '--pcc', '--part'), 'model'),
+        'agw': (agw_train.main, ('--batch-size', '4', '--num_pos', '2'), 'model')}[script]
+    runs = {}
+    for where, extra in (('loader', ('--workers', '2')), ('device', ('--data_on_device',))):
+        history = main(run_args(tmp_path / where, sysu_preprocessed, '--arch', 'resnet18', '--epochs', '2',
+                                '--augment', 'device', *flags, *extra))
+        state, = (tmp_path / where / 'save_model').glob('*_state.t')
+        runs[where] = history, utils.load_checkpoint(state)[weights]
+    (history, state), (device_history, device_state) = runs.values()
+    for stats, device_stats in zip(history, device_history, strict=True):
+        stats.pop('images_per_second'), device_stats.pop('images_per_second')
+        torch.testing.assert_close(device_stats, stats, rtol=0, atol=0)  # AGW's too: its evaluation's scores
+    for key, value in state.items():
+        assert torch.equal(device_state[key], value), key
+    log, = (tmp_path / 'device' / 'log').glob('*.log')
+    assert 'held on cpu' in log.read_text()
+    with pytest.raises(utils.UserError, match='--data_on_device holds .* add --augment device'):
+        main(run_args(tmp_path / 'refused', sysu_preprocessed, '--arch', 'resnet18', *flags, '--data_on_device'))
+    assert not (tmp_path / 'refused').exists()  # refused before anything started
