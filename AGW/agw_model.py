@@ -12,6 +12,7 @@ so public AGW checkpoints load here and these load in the public code.
     --method base   embed_net(n, no_local='off', gm_pool='off')   average pooling, no attention
     --method agw    embed_net(n)                                   non-local blocks + GeM pooling
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -67,7 +68,10 @@ class NonLocal(nn.Module):
 
 def gem_pool(feature_map, p=3.0):
     """Generalised-mean pooling: (B, C, H, W) -> (B, C), the p-th root of the mean of x^p over
-    positions. The inputs are post-ReLU, so non-negative; 1e-12 keeps the root's gradient finite."""
+    positions, in float32 at least. The inputs are post-ReLU, so non-negative; 1e-12 keeps the root's
+    gradient finite at a channel that is zero everywhere, which it does not in float16 (--amp fp16
+    where autocast leaves pow in float16, as on CPUs): there it rounds to 0 and the gradient is NaN."""
+    feature_map = feature_map.to(torch.promote_types(feature_map.dtype, torch.float32))
     return (feature_map.flatten(2).pow(p).mean(dim=2) + 1e-12).pow(1.0 / p)
 
 

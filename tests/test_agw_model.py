@@ -159,6 +159,20 @@ def test_gem_pool_is_the_cube_root_of_the_mean_cube():
     assert torch.allclose(gem_pool(torch.full((1, 2, 3, 3), 0.5)), torch.full((1, 2), 0.5))
 
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_gem_pool_of_a_channel_zero_everywhere_has_finite_gradients_in_half_precision(dtype):
+    """A post-ReLU channel can be 0 at every position; the root's gradient there stays finite in
+    half precision too (under autocast on a CPU, pow stays in the input's dtype)."""
+    feature_map = torch.rand(2, 3, 4, 5)
+    feature_map[0, 1] = 0
+    feature_map = feature_map.to(dtype).requires_grad_()
+    with torch.autocast('cpu', dtype=dtype):
+        pooled = gem_pool(feature_map)
+    pooled.sum().backward()
+    assert pooled.dtype == torch.float32 and torch.isfinite(feature_map.grad).all()
+    assert torch.allclose(pooled, gem_pool(feature_map.detach().float()))
+
+
 @pytest.mark.parametrize('reduc_ratio, inner', [(None, 1), (2, 8), (16, 1)])
 def test_reduc_ratio_sets_the_inner_channels(reduc_ratio, inner):
     block = NonLocal(16, reduc_ratio)
