@@ -481,7 +481,8 @@ def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), en
     trains on the statistics of K groups of the batch (GhostBatchNorm); under torchrun the step gets the
     model wrapped in DistributedDataParallel (with --sync_bn, synchronised batch norm first; say
     unused_parameters when some parameters take no part in the loss), and the processes must end
-    with equal weights. With --compile the step gets the network through torch.compile.
+    with equal weights. With --compile the step gets the network through torch.compile. The log ends
+    with the images/s of the whole run, start-up, evaluations and files included.
     """
     args, logger, writer = run.args, run.logger, run.writer
     objects = {'model': model, 'optimizer': optimizer, 'grad_scaler': run.precision, **objects}
@@ -506,13 +507,14 @@ def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), en
     if args.compile:  # the step gets the compiled network; evaluation and the files use the plain one
         trained = compile_network(trained, args.compile)
 
-    history = []
+    history, run_start, run_images = [], time.time(), 0
     for epoch in range(start_epoch, args.epochs):
         lr = utils.warmup_step_lr(epoch, args.lr, milestones)
         utils.set_lr(optimizer, lr)
         start = time.time()
         loader = epoch_loader(run, make_loader, epoch)
         stats = train_one_epoch(run, trained, optimizer, step, loader, epoch)
+        run_images += len(loader) * loader.batch_size * 2 * run.world_size
         steps = len(loader) // args.accum_iter  # optimiser steps
         of_batches = f' of {args.accum_iter} batches' if args.accum_iter > 1 else ''
         stats.update(epoch=epoch, lr=lr, steps=(epoch + 1) * steps)
@@ -531,6 +533,10 @@ def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), en
         if run.distributed:
             dist.barrier()  # nobody runs ahead of process 0's evaluation and files
         history.append(stats)
+    if history:  # the figure a user waits for: every epoch's files, evaluations and start-up included
+        elapsed = time.time() - run_start
+        logger.info(f'{len(history)} epochs in {utils.format_seconds(elapsed)}: {run_images / elapsed:.1f} img/s over '
+                    f'the run, its evaluations and files included')
     if run.distributed:
         checksum = check_replicas_agree(run, model)
         logger.info(f'the {run.world_size} processes end with the same weights (checksum {checksum:.6f})')

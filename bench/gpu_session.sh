@@ -194,6 +194,7 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
     echo "== $name: every fifth epoch and the last"
     grep -h '^epoch' "$log" | awk 'NR % 5 == 0' | cut -c1-200
     grep -h '^epoch' "$log" | tail -1 | cut -c1-200
+    grep -h ' img/s over the run' "$log"
     echo "== $name: held-out test"
     head -1 "$work/$name.test.txt"; grep -E 'permutation recovery|zero-shot' "$work/$name.test.txt"
     if [ -d "$work/$name.curve" ]; then

@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import copy
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -429,6 +430,8 @@ def test_data_on_device_trains_what_the_loader_trains(tmp_path, sysu_preprocesse
         assert torch.equal(device_state[key], value), key
     log, = (tmp_path / 'device' / 'log').glob('*.log')
     assert 'held on cpu' in log.read_text()
+    assert re.search(r'\n2 epochs in 0:\d\d:\d\d: [\d.]+ img/s over the run, its evaluations and files included\n',
+                     log.read_text())
     with pytest.raises(utils.UserError, match='--data_on_device holds .* add --augment device'):
         main(run_args(tmp_path / 'refused', sysu_preprocessed, '--arch', 'resnet18', *flags, '--data_on_device'))
     assert not (tmp_path / 'refused').exists()  # refused before anything started
