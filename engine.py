@@ -21,7 +21,7 @@ the engine does the rest, written once for the three:
                                     one batch of it, with no wait for the GPU: an optimiser step
                                     every --accum_iter batches
     Precision                       --amp: autocast and the gradient scaler
-    save_state(path, epoch, args, **objects), restart_from_checkpoint(path, args, shape_flags, **objects)
+    training_state(epoch, args, **objects), restart_from_checkpoint(path, args, shape_flags, **objects)
                                     the state file: every object's state_dict under its name
     RunValues                       plain values a run carries across epochs, with a state_dict
 
@@ -33,7 +33,8 @@ losses in float32 (utils.full_precision); its values are numbers or 0-dim tensor
 the device until a log step (every --log_every batches), so the host never waits for the GPU between.
 The engine back-propagates the loss, steps the optimiser and logs the values.
 
-<run>_state.t (written after every epoch) holds {name: state_dict for each object ('model',
+<run>_state.t (written after every epoch, by a thread while the next one trains; complete when fit
+returns) holds {name: state_dict for each object ('model',
 'optimizer', 'grad_scaler' and the script's own), 'epoch' (the next to run), 'rng' (every
 generator), 'args'}.
 """
@@ -284,15 +285,16 @@ class RunValues(dict):
         self.update(state)
 
 
-def save_state(path, epoch, args, **objects):
-    """<run>_state.t: each object's state_dict under its name, the next epoch, every RNG, the flags."""
+def training_state(epoch, args, **objects):
+    """What <run>_state.t holds: each object's state_dict under its name, the next epoch, every RNG,
+    the flags."""
     state = {name: value.state_dict() for name, value in objects.items()}
     state.update(epoch=epoch, rng=utils.rng_state(), args=vars(args))
-    utils.save_checkpoint(state, path)
+    return state
 
 
 def restart_from_checkpoint(path, args, shape_flags, **objects):
-    """Load every object of a state file written by save_state and restore every random generator;
+    """Load every object of a state file of training_state and restore every random generator;
     returns the epoch to run next. The flags in shape_flags must be those of the run that wrote it."""
     state = utils.load_checkpoint(path)
     if not isinstance(state, dict) or not set(STATE_KEYS) | set(objects) <= set(state):
@@ -508,31 +510,32 @@ def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), en
         trained = compile_network(trained, args.compile)
 
     history, run_start, run_images = [], time.time(), 0
-    for epoch in range(start_epoch, args.epochs):
-        lr = utils.warmup_step_lr(epoch, args.lr, milestones)
-        utils.set_lr(optimizer, lr)
-        start = time.time()
-        loader = epoch_loader(run, make_loader, epoch)
-        stats = train_one_epoch(run, trained, optimizer, step, loader, epoch)
-        run_images += len(loader) * loader.batch_size * 2 * run.world_size
-        steps = len(loader) // args.accum_iter  # optimiser steps
-        of_batches = f' of {args.accum_iter} batches' if args.accum_iter > 1 else ''
-        stats.update(epoch=epoch, lr=lr, steps=(epoch + 1) * steps)
-        shown = ' '.join(f'{name} {value:.4f}' for name, value in stats.items()
-                         if name not in ('epoch', 'lr', 'steps', 'images_per_second'))
-        logger.info(f'epoch {epoch} lr {lr:.4g} {shown} ({steps} steps{of_batches}, '
-                    f'{stats["images_per_second"]:.1f} img/s, '
-                    f'{utils.format_seconds(time.time() - start)})')
-        if end_of_epoch is not None:
-            end_of_epoch(epoch, stats)
-        for name, value in stats.items():
-            if name not in ('epoch', 'steps') and isinstance(value, (int, float)):
-                writer.add_scalar(f'epoch/{name}', value, epoch)
-        if run.is_main:
-            save_state(run.model_path / f'{run.name}_state.t', epoch + 1, args, **objects)
-        if run.distributed:
-            dist.barrier()  # nobody runs ahead of process 0's evaluation and files
-        history.append(stats)
+    with utils.BackgroundWriter() as state_files:  # <run>_state.t is written while the next epoch trains
+        for epoch in range(start_epoch, args.epochs):
+            lr = utils.warmup_step_lr(epoch, args.lr, milestones)
+            utils.set_lr(optimizer, lr)
+            start = time.time()
+            loader = epoch_loader(run, make_loader, epoch)
+            stats = train_one_epoch(run, trained, optimizer, step, loader, epoch)
+            run_images += len(loader) * loader.batch_size * 2 * run.world_size
+            steps = len(loader) // args.accum_iter  # optimiser steps
+            of_batches = f' of {args.accum_iter} batches' if args.accum_iter > 1 else ''
+            stats.update(epoch=epoch, lr=lr, steps=(epoch + 1) * steps)
+            shown = ' '.join(f'{name} {value:.4f}' for name, value in stats.items()
+                             if name not in ('epoch', 'lr', 'steps', 'images_per_second'))
+            logger.info(f'epoch {epoch} lr {lr:.4g} {shown} ({steps} steps{of_batches}, '
+                        f'{stats["images_per_second"]:.1f} img/s, '
+                        f'{utils.format_seconds(time.time() - start)})')
+            if end_of_epoch is not None:
+                end_of_epoch(epoch, stats)
+            for name, value in stats.items():
+                if name not in ('epoch', 'steps') and isinstance(value, (int, float)):
+                    writer.add_scalar(f'epoch/{name}', value, epoch)
+            if run.is_main:
+                state_files.write(training_state(epoch + 1, args, **objects), run.model_path / f'{run.name}_state.t')
+            if run.distributed:
+                dist.barrier()  # nobody runs ahead of process 0's evaluation and files
+            history.append(stats)
     if history:  # the figure a user waits for: every epoch's files, evaluations and start-up included
         elapsed = time.time() - run_start
         logger.info(f'{len(history)} epochs in {utils.format_seconds(elapsed)}: {run_images / elapsed:.1f} img/s over '

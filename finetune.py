@@ -15,7 +15,7 @@ Files a fine-tuning run writes into --model_path (epochs are numbered from 0, as
     <run>_best.t       {'net', 'cmc' (tensor), 'mAP', 'mINP', 'epoch'}: the public format, kept for the best
                        Rank-1 of the selected feature (AGW: the BNNeck feature) over the evaluations so far
     <run>_epoch_N.t    the same, every --save_epoch epochs and after the last one
-    <run>_state.t      engine.save_state's file ('model', 'optimizer', 'best' and the script's own objects),
+    <run>_state.t      engine.training_state's file ('model', 'optimizer', 'best' and the script's own objects),
                        for --resume_state
 """
 import argparse

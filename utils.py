@@ -2,6 +2,7 @@
 
 Nothing here parses arguments or touches the file system at import time.
 """
+import concurrent.futures
 import logging
 import os
 import random
@@ -107,6 +108,52 @@ def atomic_write(path, write):
 
 def save_checkpoint(obj, path):
     atomic_write(path, lambda temporary: torch.save(obj, temporary))
+
+
+def host_copy(obj):
+    """obj with every tensor in it (in dicts, lists and tuples, at any depth) copied to host memory."""
+    if torch.is_tensor(obj):
+        return obj.detach().to('cpu', copy=True)
+    if isinstance(obj, dict):
+        return {key: host_copy(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(value) for value in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Checkpoint files written by a thread while training goes on. write(obj, path) copies obj's
+    tensors to host memory (so that training may change the originals), hands the file to the thread
+    and returns; the file appears atomically once written (save_checkpoint). One file at a time: the
+    next write, and close() (or leaving a `with` block), wait for the one before and raise its error,
+    if any. torch.save leaves the GIL free for most of its time, so the training loop keeps its pace
+    meanwhile."""
+
+    def __init__(self):
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='checkpoint')
+        self.pending = None
+
+    def write(self, obj, path):
+        self.wait()
+        self.pending = self.executor.submit(save_checkpoint, host_copy(obj), path)
+
+    def wait(self):
+        """Until the file being written is complete."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self):
+        try:
+            self.wait()
+        finally:
+            self.executor.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.close()
 
 
 def save_array(array, path):

@@ -5,6 +5,7 @@ import contextlib
 import copy
 import itertools
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -435,3 +436,36 @@ def test_data_on_device_trains_what_the_loader_trains(tmp_path, sysu_preprocesse
     with pytest.raises(utils.UserError, match='--data_on_device holds .* add --augment device'):
         main(run_args(tmp_path / 'refused', sysu_preprocessed, '--arch', 'resnet18', *flags, '--data_on_device'))
     assert not (tmp_path / 'refused').exists()  # refused before anything started
+
+
+def test_a_background_writer_writes_what_it_was_handed_and_reports_a_failed_write(tmp_path, monkeypatch):
+    """utils.BackgroundWriter (the state file of every epoch): the file holds the tensors as they were
+    when write() returned, however training changes them while the thread writes; close() waits for
+    the file; a failed write raises at the next write or at close."""
+    handed_over, changed = threading.Event(), threading.Event()
+    save = utils.save_checkpoint
+
+    def save_once_changed(obj, path):  # the thread writes only after the originals have changed
+        handed_over.set()
+        changed.wait(timeout=10)
+        save(obj, path)
+    monkeypatch.setattr(utils, 'save_checkpoint', save_once_changed)
+    weights, momentum = torch.arange(4.0), torch.ones(2)
+    with utils.BackgroundWriter() as writer:
+        writer.write({'model': {'w': weights}, 'optimizer': [momentum, {'step': 3}], 'epoch': 1}, tmp_path / 'state.t')
+        assert handed_over.wait(timeout=10)
+        weights.add_(10), momentum.mul_(5)
+        changed.set()
+    state = utils.load_checkpoint(tmp_path / 'state.t')
+    assert torch.equal(state['model']['w'], torch.arange(4.0)) and torch.equal(state['optimizer'][0], torch.ones(2))
+    assert state['optimizer'][1] == {'step': 3} and state['epoch'] == 1
+
+    def fail(obj, path):
+        raise OSError(f'No space left on device: {path}')
+    monkeypatch.setattr(utils, 'save_checkpoint', fail)
+    for wait_by in ('the next write', 'close'):
+        writer = utils.BackgroundWriter()
+        writer.write({'epoch': 2}, tmp_path / 'full.t')
+        with pytest.raises(OSError, match='No space left'):
+            writer.write({'epoch': 3}, tmp_path / 'full.t') if wait_by == 'the next write' else writer.close()
+        writer.close()  # nothing left to write: the error was raised once
