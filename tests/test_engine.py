@@ -414,15 +414,14 @@ def test_a_device_loader_copies_from_host_memory_once_an_epoch(sysu_preprocessed
 def test_data_on_device_trains_what_the_loader_trains(tmp_path, sysu_preprocessed, script):
     """train.py and AGW/train.py with --augment device end two epochs with the same statistics and
     weights whether the images come through loader processes or are held on the device."""
-    main, flags, weights = {
-        'mmgl': (mmgl_train.main, ('--steps_per_epoch', '3', '--batch-size', '4', '--pcc', '--part'), 'model'),
-        'agw': (agw_train.main, ('--batch-size', '4', '--num_pos', '2'), 'model')}[script]
+    main, flags = {'mmgl': (mmgl_train.main, ('--steps_per_epoch', '3', '--batch-size', '4', '--pcc', '--part')),
+                   'agw': (agw_train.main, ('--batch-size', '4', '--num_pos', '2'))}[script]
     runs = {}
     for where, extra in (('loader', ('--workers', '2')), ('device', ('--data_on_device',))):
         history = main(run_args(tmp_path / where, sysu_preprocessed, '--arch', 'resnet18', '--epochs', '2',
                                 '--augment', 'device', *flags, *extra))
         state, = (tmp_path / where / 'save_model').glob('*_state.t')
-        runs[where] = history, utils.load_checkpoint(state)[weights]
+        runs[where] = history, utils.load_checkpoint(state)['model']
     (history, state), (device_history, device_state) = runs.values()
     for stats, device_stats in zip(history, device_history, strict=True):
         stats.pop('images_per_second'), device_stats.pop('images_per_second')
