@@ -259,7 +259,7 @@ def training_set(run):
         run.logger.info(f'  {modality:8s} | {len(np.unique(labels)):5d} ids | {len(labels):8d} images')
     if args.data_on_device:
         trainset = DeviceArrays(trainset, run.device)
-        run.logger.info(f'  held on {run.device}: {trainset.nbytes / 2 ** 30:.2f} GiB')
+        run.logger.info(f'  held on {run.device}: {trainset.nbytes / 2 ** 20:,.1f} MiB')
     return trainset
 
 
@@ -538,8 +538,9 @@ def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), en
             history.append(stats)
     if history:  # the figure a user waits for: every epoch's files, evaluations and start-up included
         elapsed = time.time() - run_start
-        logger.info(f'{len(history)} epochs in {utils.format_seconds(elapsed)}: {run_images / elapsed:.1f} img/s over '
-                    f'the run, its evaluations and files included')
+        epochs = f'{len(history)} epoch{"s" if len(history) > 1 else ""}'
+        logger.info(f'{epochs} in {utils.format_seconds(elapsed)}: {run_images / elapsed:.1f} img/s over the run, its '
+                    f'evaluations and files included')
     if run.distributed:
         checksum = check_replicas_agree(run, model)
         logger.info(f'the {run.world_size} processes end with the same weights (checksum {checksum:.6f})')

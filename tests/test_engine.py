@@ -429,7 +429,7 @@ def test_data_on_device_trains_what_the_loader_trains(tmp_path, sysu_preprocesse
     for key, value in state.items():
         assert torch.equal(device_state[key], value), key
     log, = (tmp_path / 'device' / 'log').glob('*.log')
-    assert 'held on cpu' in log.read_text()
+    assert re.search(r'\n  held on cpu: [\d,]+\.\d MiB\n', log.read_text())
     assert re.search(r'\n2 epochs in 0:\d\d:\d\d: [\d.]+ img/s over the run, its evaluations and files included\n',
                      log.read_text())
     with pytest.raises(utils.UserError, match='--data_on_device holds .* add --augment device'):
