@@ -126,8 +126,8 @@ class BackgroundWriter:
     tensors to host memory (so that training may change the originals), hands the file to the thread
     and returns; the file appears atomically once written (save_checkpoint). One file at a time: the
     next write, and close() (or leaving a `with` block), wait for the one before and raise its error,
-    if any. torch.save leaves the GIL free for most of its time, so the training loop keeps its pace
-    meanwhile."""
+    if any. torch.save leaves the GIL free for much of its time, so the training loop keeps most of
+    its pace meanwhile (bench/state_save.py)."""
 
     def __init__(self):
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='checkpoint')

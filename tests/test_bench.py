@@ -21,6 +21,7 @@ import curve_lag  # noqa: E402
 import finetune_flags_study  # noqa: E402
 import pretext_study  # noqa: E402
 import step_ops  # noqa: E402
+import state_save  # noqa: E402
 import step_profile  # noqa: E402
 import study_tools  # noqa: E402
 import stream_gap  # noqa: E402
@@ -414,3 +415,14 @@ def test_step_profile_reports_each_row_and_its_busiest_operators(tmp_path):
     assert report.count('the 3 operators with the most self_cpu_time_total') == 2 and 'aten::' in report
     with pytest.raises(utils.UserError, match="--precisions: unknown 'bf16'"):
         step_profile.main(['--precisions', 'bf16'])
+
+
+def test_state_save_times_the_state_file_in_the_main_thread_and_in_the_background(capsys):
+    state_save.main(['--arch', 'resnet18', '--repeats', '1'])
+    lines = capsys.readouterr().out.splitlines()
+    size, = re.fullmatch(r'resnet18 MMGL state \(--pcc --part, SGD momentum\): (\d+) MB', lines[0]).groups()
+    assert 50 < int(size) < 500  # 11 M parameters and as many momentum values, in float32
+    assert re.fullmatch(r'torch\.save in the main thread: [\d.]+ s \(median of 1: [\d.]+\)', lines[1])
+    alone, during = re.fullmatch(r'the main thread, small operators a second: ([\d,]+) alone, ([\d,]+) '
+                                  r'\(\d+%\) during the [\d.]+ s of a background write', lines[2]).groups()
+    assert int(alone.replace(',', '')) > 0 and int(during.replace(',', '')) > 0
