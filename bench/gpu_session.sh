@@ -11,7 +11,8 @@
 #               network in CUDA graphs) and with the whole step compiled (losses too; a bench row, not a
 #               flag), and the whole train.py epoch with --compile reduce-overhead              150 s
 #   profile     bench/step_profile.py: how busy the GPU is in the MMGL and AGW steps (fp32, amp +
-#               channels_last) and their costliest operators                                    45 s
+#               channels_last) and their costliest operators; then bench/state_save.py (the state file
+#               in the main thread and in the background, on this machine's disk)          45 + 20 s
 #   batches     the MMGL step at 64+64 and 128+128 images, amp + channels_last with and without
 #               --compile reduce-overhead (is 5,000 images/s a matter of batch size?), the loader alone
 #               (the main process's CPU time a batch), and whole epochs with --amp --channels_last
@@ -158,7 +159,8 @@ for stage in "${stages[@]}"; do
                --epoch_flags='--amp --channels_last --augment device --data_on_device' \
                --epoch_flags='--amp --channels_last --augment device --data_on_device --compile reduce-overhead' ;;
     profile) timeout "$seconds" python bench/step_profile.py "${size[@]}" "${profile_flags[@]}" \
-               --out "$work/profile.md" > "$work/profile.log" 2>&1 ;;
+               --out "$work/profile.md" > "$work/profile.log" 2>&1
+             timeout 20 python bench/state_save.py "${size[@]:0:2}" > "$work/state_save.txt" 2>&1 ;;
     throughput) throughput throughput "$seconds" --precisions 'fp32,amp,amp + channels_last,amp fp16 + channels_last' \
                   --epoch_flags= --epoch_flags='--augment device' --epoch_flags='--amp --channels_last' \
                   --epoch_flags='--amp --channels_last --augment device' ;;
@@ -182,6 +184,7 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
     if [ -f "$out/$name.md" ]; then cat "$out/$name.md"; else grep '^|' "$work/$name.log"; echo "(cut by its time limit)"; fi
     grep -i 'skipping cudagraphs' "$work/$name.log" | sort | uniq -c | head -5  # why CUDA graphs were not used
   done
+  if [ -f "$work/state_save.txt" ]; then echo "== state file"; tail -3 "$work/state_save.txt"; fi
   if [ -f "$work/profile.log" ]; then
     echo "== profile"
     if [ -f "$work/profile.md" ]; then sed -n '1,/^$/p;/^|/p' "$work/profile.md" | grep -v '^$'; else grep '^|' "$work/profile.log"; echo "(cut by its time limit)"; fi
