@@ -406,13 +406,18 @@ def train_step(run, model, optimizer, step, batch, epoch, accumulated=0):
     return {'loss': loss.detach(), **values}
 
 
+def epoch_images(run, loader):
+    """The images an epoch of loader trains on, both modalities, over every process."""
+    return len(loader) * loader.batch_size * 2 * run.world_size
+
+
 def train_one_epoch(run, model, optimizer, step, loader, epoch):
     """One pass over a loader of (visible, thermal, visible labels, thermal labels) batches with
     step (see the module docstring). Returns the epoch means of 'loss' and of step's values
     (weighted by images, over every process) and 'images_per_second' (of all processes)."""
     model.train()
     totals, images = {}, 0  # image-weighted sums of the values, kept on the device between log steps
-    throughput = utils.Throughput(len(loader) * loader.batch_size * 2 * run.world_size)
+    throughput = utils.Throughput(epoch_images(run, loader))
     progress = tqdm(loader, desc=f'epoch {epoch}', unit='batch', leave=False, dynamic_ncols=True, mininterval=1.0,
                     disable=not run.is_main)
     for index, batch in enumerate(progress):
@@ -517,7 +522,7 @@ def fit(run, model, optimizer, step, make_loader, milestones, shape_flags=(), en
             start = time.time()
             loader = epoch_loader(run, make_loader, epoch)
             stats = train_one_epoch(run, trained, optimizer, step, loader, epoch)
-            run_images += len(loader) * loader.batch_size * 2 * run.world_size
+            run_images += epoch_images(run, loader)
             steps = len(loader) // args.accum_iter  # optimiser steps
             of_batches = f' of {args.accum_iter} batches' if args.accum_iter > 1 else ''
             stats.update(epoch=epoch, lr=lr, steps=(epoch + 1) * steps)
