@@ -200,10 +200,11 @@ def gflop_per_image(build, step, batch, args, device):
 
 def time_step(build, step, precision, options, batch, args, device):
     """(ms per step, peak GPU memory in GiB or None, host waits in a step or None) of one method's training
-    step (step_runner's). The memory and the waits are measured on GPUs only."""
-    one_step = step_runner(build, step, precision, options, batch, args, device)
+    step (step_runner's). The memory and the waits are measured on GPUs only; the peak counts the warm-up
+    steps too, where a compiled network captures its CUDA graphs and allocates their memory pool."""
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
+    one_step = step_runner(build, step, precision, options, batch, args, device)
     milliseconds = milliseconds_per_step(one_step, args.steps, device)
     if device.type != 'cuda':
         return milliseconds, None, None
