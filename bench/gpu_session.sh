@@ -27,20 +27,33 @@
 #   onestream   `default+onestream+fast` (--stream one) alone on the card, then test.py on its weights
 #               of every 10th epoch at once (the held-out curve) and bench/stream_gap.py on the last
 #               (training vs held-out identities, stems' batch norm as saved vs per modality)  380 s + 60 s
+#   endtoend    a whole run with the fastest flags (pretext-study variant `default+fastest`: --amp
+#               --channels_last --augment device --data_on_device --compile reduce-overhead) at 128+128,
+#               --lr 0.4 (the linear rule), 15 epochs of 174 steps (15 SYSU-MM01 epochs' images) alone
+#               on the card: the run's images/s with its compilation and files, for issue #10's
+#               "100 epochs in under 15 minutes"; then test.py                                 230 s
+#   curves      `default` (fp32, PIL in the loader) and `default+fastest` at 128+128, --lr 0.4, seeds 0
+#               and 1, all four at once, 10 epochs of 50 steps; then test.py on each: does the compiled
+#               bf16 network learn as fp32 does, within the seeds' spread?                     250 s
+#   epoch32     whole epochs at the paper's 32+32 with --data_on_device, eager and with --compile
+#               reduce-overhead (its cold compilation included)                                 120 s
 # NVIDIA H200 sessions of 2026-11-26 ran `throughput pair` and `onestream` (before and after the one-stream
 # stem fix: README, Full size on a GPU); what is left is one call of under 10 minutes, the stages in
 # the order of what the issue needs most:
 #   bash bench/gpu_session.sh                        # default: precompile compile profile batches throughput
+#                                                    # (run on 2026-11-27: README, Speed and several GPUs)
+#   bash bench/gpu_session.sh endtoend curves        # what is left of issue #10 on one GPU (under 10 minutes)
 #   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48 (on a CPU
 #                                                    # without bfloat16 the --amp rows fail with --amp's sentence)
 # Every stage ends by DEADLINE_S (default 570) seconds after the start, whatever its own length, so that
 # the summary comes back from a device call of 600 s; a stage with no time left is skipped.
-# Stage lengths can be changed with PRECOMPILE_S, THROUGHPUT_S, PAIR_S, ONESTREAM_S, COMPILE_S, BATCHES_S and
-# PROFILE_S (seconds).
+# Stage lengths can be changed with PRECOMPILE_S, THROUGHPUT_S, PAIR_S, ONESTREAM_S, COMPILE_S, BATCHES_S,
+# PROFILE_S, ENDTOEND_S, CURVES_S and EPOCH32_S (seconds).
 # Runs and checkpoints go to $WORK (default /tmp/gpu_session); $OUT (default ./gpu_out) gets at most eight
-# files: card.txt, throughput.md, compile.md and batches.md (the stages' tables, when complete), summary.txt
+# files: card.txt, throughput.md, compile.md, batches.md and epoch32.md (the stages' tables, when complete), summary.txt
 # (with the profile's table; its operator lists are in logs.tgz),
-# table.md and curves.png (bench/runs_table.py: the pretext study's table of the training runs) and logs.tgz
+# table.md and curves.png (bench/runs_table.py: the pretext study's table of the training runs; with the
+# curves stage also seeds.md and seeds.png, the variants over the seeds) and logs.tgz
 # (logs, test outputs and tensorboardX files, no weights).
 # tensorboardX, which the machine lacks, is installed from .whl/ when present (fill it here as the device
 # README says: tensorboardx, protobuf and packaging wheels; .whl listed in .git/info/exclude and named in
@@ -68,6 +81,9 @@ if [ "${SMOKE:-0}" = 1 ]; then
   profile_flags=(--batch 8 --steps 2 --warmup 1)
   train_flags=(--batch-size 8 --workers 1)
   schedule=(--epochs 10 --steps_per_epoch 4)
+  large=(--batch-size 16 --lr 0.4)
+  endtoend_schedule=(--epochs 2 --steps_per_epoch 3)
+  curves_schedule=(--epochs 2 --steps_per_epoch 2)
   echo "CPU rehearsal ($(nproc) cores)" | tee "$out/card.txt"
 else
   image_size=()  # the scripts' default, 288x144
@@ -78,6 +94,9 @@ else
   profile_flags=()
   train_flags=(--batch-size 32 --workers 6)
   schedule=(--epochs 100 --steps_per_epoch 100)
+  large=(--batch-size 128 --lr 0.4)  # four times the paper's batch, the learning rate by the linear rule
+  endtoend_schedule=(--epochs 15 --steps_per_epoch 174)  # 174 x 128 = SYSU-MM01's 22,258 visible images an epoch
+  curves_schedule=(--epochs 10 --steps_per_epoch 50)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/card.txt"
 fi
 python synthetic.py > "$work/synthetic.txt" 2>&1 || { cat "$work/synthetic.txt"; exit 1; }
@@ -88,12 +107,14 @@ throughput() {  # table name, seconds, extra flags...
     --out "$out/$name.md" > "$work/$name.log" 2>&1
 }
 
-study() {  # seconds, pretext-study variant (its train.py flags come from bench/pretext_study.py)
-  local seconds=$1 name=$2 flags
+study() {  # seconds, run name, pretext-study variant (its train.py flags come from bench/pretext_study.py),
+           # train.py flags that replace the ones given here (the last of a flag counts)...
+  local seconds=$1 name=$2 variant=$3 flags
+  shift 3
   read -ra flags <<< "$(python -c 'import sys; sys.path.insert(0, "bench"); import pretext_study
-print(" ".join(pretext_study.variant_flags(sys.argv[1])))' "$name")"
+print(" ".join(pretext_study.variant_flags(sys.argv[1])))' "$variant")"
   timeout "$seconds" python train.py --dataset synthetic "${size[@]}" "${train_flags[@]}" "${flags[@]}" \
-    "${schedule[@]}" --save_epoch 5 --log_every 50 \
+    "${schedule[@]}" --save_epoch 5 --log_every 50 "$@" \
     --model_path "$work/$name" --log_path "$work/$name" --vis_log_path "$work/$name/vis" > "$work/$name.train.txt" 2>&1
   local weights
   weights=$(ls -t "$work/$name"/*_epoch_*.t 2>/dev/null | head -1)
@@ -143,7 +164,9 @@ for stage in "${stages[@]}"; do
     precompile) seconds=${PRECOMPILE_S:-200} ;; compile) seconds=${COMPILE_S:-150} ;;
     batches) seconds=${BATCHES_S:-160} ;; profile) seconds=${PROFILE_S:-45} ;;
     throughput) seconds=${THROUGHPUT_S:-150} ;; pair) seconds=${PAIR_S:-335} ;; onestream) seconds=${ONESTREAM_S:-380} ;;
-    *) echo "unknown stage $stage: choose from precompile compile batches profile throughput pair onestream"; exit 1 ;;
+    endtoend) seconds=${ENDTOEND_S:-230} ;; curves) seconds=${CURVES_S:-250} ;; epoch32) seconds=${EPOCH32_S:-120} ;;
+    *) echo "unknown stage $stage: choose from precompile compile batches profile throughput pair onestream endtoend" \
+         "curves epoch32"; exit 1 ;;
   esac
   left=$(( deadline - SECONDS - 10 ))
   (( left < seconds )) && seconds=$left
@@ -164,8 +187,16 @@ for stage in "${stages[@]}"; do
     throughput) throughput throughput "$seconds" --precisions 'fp32,amp,amp + channels_last,amp fp16 + channels_last' \
                   --epoch_flags= --epoch_flags='--augment device' --epoch_flags='--amp --channels_last' \
                   --epoch_flags='--amp --channels_last --augment device' ;;
-    pair) study "$seconds" default & study "$seconds" default+fast & wait ;;
-    onestream) study "$seconds" default+onestream+fast; judge_curve default+onestream+fast ;;
+    pair) study "$seconds" default default & study "$seconds" default+fast default+fast & wait ;;
+    onestream) study "$seconds" default+onestream+fast default+onestream+fast; judge_curve default+onestream+fast ;;
+    endtoend) study "$seconds" endtoend default+fastest "${large[@]}" "${endtoend_schedule[@]}" ;;
+    curves) for seed in 0 1; do for variant in default default+fastest; do
+              study "$seconds" "$variant.seed$seed" "$variant" "${large[@]}" "${curves_schedule[@]}" --seed "$seed" &
+            done; done; wait
+            schedule=("${large[@]}" "${curves_schedule[@]}") ;;  # for the table's setting
+    epoch32) rows epoch32 "$seconds" mmgl "$batch" 'amp + channels_last' \
+               --epoch_flags='--amp --channels_last --augment device --data_on_device' \
+               --epoch_flags='--amp --channels_last --augment device --data_on_device --compile reduce-overhead' ;;
   esac
   echo "$stage: $(( SECONDS - began )) s of its $seconds" >> "$work/stages.txt"
 done
@@ -178,7 +209,7 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
     echo "== precompile: rows compiled (one step each: not timings), of $(ls "$work"/precompile/*.log | wc -l)"
     grep -h '^| [MAD]' "$work"/precompile/*.log | sort -u | cut -d'|' -f2-5
   fi
-  for name in throughput compile batches; do
+  for name in throughput compile batches epoch32; do
     [ -f "$work/$name.log" ] || continue
     echo "== $name"
     if [ -f "$out/$name.md" ]; then cat "$out/$name.md"; else grep '^|' "$work/$name.log"; echo "(cut by its time limit)"; fi
@@ -208,11 +239,13 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
       echo "== $name: stream gap"; cat "$work/$name.gap.md" 2>/dev/null || tail -3 "$work/$name.gap.txt"
     fi
     cat "$work/$name.train.txt" "$work/$name.test.txt" | tr '\r' '\n' | grep -iE 'error|traceback' | tail -3
+    [ "$name" = endtoend ] && continue  # a speed run: its schedule is not the others'
     grep -q '^permutation recovery, both' "$work/$name.test.txt" && runs+=("$name=$log,$work/$name.test.txt")
   done
   if [ ${#runs[@]} -gt 0 ]; then
     echo "== table"
     python bench/runs_table.py --out "$work/table" --setting "$(cat "$out/card.txt"), ${size[*]}, ${train_flags[*]}, ${schedule[*]}, stages: ${stages[*]}" "${runs[@]}" > /dev/null \
       && cp "$work/table/table.md" "$work/table/curves.png" "$out/" && cat "$out/table.md"
+    if [ -f "$work/table/seeds.md" ]; then cp "$work/table/seeds.md" "$work/table/seeds.png" "$out/"; cat "$out/seeds.md"; fi
   fi
 } | tee "$out/summary.txt"

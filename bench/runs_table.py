@@ -6,7 +6,10 @@ its train.py log and the output of test.py:
     python bench/runs_table.py --out bench/results/gpu_h200_resnet50_288x144 --setting 'resnet50, ...' \\
         default=fp32/RUN.log,fp32.test.txt default+fast=amp/RUN.log,amp.test.txt
 
-writes table.md and curves.png (the pretext study's formats) and results.json into --out.
+writes table.md and curves.png (the pretext study's formats) and results.json into --out. Runs named
+VARIANT.seedN (default.seed0=... default.seed1=... default+fast.seed0=...) are also tabulated as the
+pretext study's --seeds does it, in seeds.md and seeds.png: each variant over the seeds, and its
+difference from the first variant seed by seed (a run missing for a seed counts as failed there).
 """
 import argparse
 import json
@@ -15,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pretext_study
-from study_tools import read_history
+from study_tools import plot_seeds, read_history, write_seed_table
 
 TEST_LINES = {'exact': re.compile(r'permutation recovery, (\w+) \(\d+ images\): exact ([\d.]+)% .*per stripe ([\d.]+)%'),
               'retrieval': re.compile(r'Rank-1: ([\d.]+)% .*mAP: ([\d.]+)%')}
@@ -39,26 +42,46 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--out', required=True)
     parser.add_argument('--setting', required=True, help='the table\'s setting line (size, device)')
-    parser.add_argument('runs', nargs='+', help='VARIANT=TRAIN_LOG,TEST_OUTPUT')
+    parser.add_argument('runs', nargs='+', help='VARIANT=TRAIN_LOG,TEST_OUTPUT or VARIANT.seedN=TRAIN_LOG,TEST_OUTPUT')
     args = parser.parse_args(argv)
-    results = []
+    results, seeds = [], []
     for run in args.runs:
         name, _, files = run.partition('=')
-        if name not in pretext_study.VARIANTS or files.count(',') != 1:
-            sys.exit(f'error: {run!r} is not VARIANT=TRAIN_LOG,TEST_OUTPUT with a variant of bench/pretext_study.py')
+        variant, marked, seed = name.partition('.seed')
+        if (variant not in pretext_study.VARIANTS or files.count(',') != 1
+                or marked and not seed.isdigit() or seeds and bool(marked) != (seeds[0] is not None)):
+            sys.exit(f'error: {run!r} is not VARIANT=TRAIN_LOG,TEST_OUTPUT (or, for every run, '
+                     'VARIANT.seedN=TRAIN_LOG,TEST_OUTPUT) with a variant of bench/pretext_study.py')
+        seeds.append(int(seed) if marked else None)
         log_file, test_output = files.split(',')
         try:
             history, test = read_history(log_file), read_test(test_output)
         except (OSError, ValueError) as error:  # a missing or foreign file: one sentence, no traceback
             sys.exit(f'error: {error}')
-        results.append({'name': name, 'flags': pretext_study.variant_flags(name), 'history': history,
-                        'test': test, 'seconds': sum(epoch['seconds'] for epoch in history)})
+        results.append({'name': name, 'variant': variant, 'flags': pretext_study.variant_flags(variant),
+                        'history': history, 'test': test, 'seconds': sum(epoch['seconds'] for epoch in history)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'results.json').write_text(json.dumps(results, indent=1))
     pretext_study.write_table(results, out / 'table.md', args.setting)
     pretext_study.plot_curves(results, out / 'curves.png')
     print((out / 'table.md').read_text())
+    if seeds[0] is not None:
+        write_seeds(results, seeds, out, args.setting)
+
+
+def write_seeds(results, seeds, out, setting):
+    """seeds.md and seeds.png of runs named VARIANT.seedN: by_seed as the pretext study's --seeds makes it,
+    every variant in the order of its first run, in every seed."""
+    variants = list(dict.fromkeys(result['variant'] for result in results))
+    runs = {(result['variant'], seed): dict(result, name=result['variant']) for result, seed in zip(results, seeds)}
+    by_seed = {seed: [runs.get((variant, seed), {'name': variant, 'error': 'no run given'}) for variant in variants]
+               for seed in sorted(set(seeds))}
+    write_seed_table(by_seed, out / 'seeds.md', setting + f', seeds {", ".join(map(str, by_seed))}',
+                     pretext_study.SEED_FIGURES)
+    plot_seeds(by_seed, out / 'seeds.png', 'perm_exact', 'exact permutation accuracy (train)',
+               pretext_study.SEED_FIGURES['**test exact** (%)'][0], 'test exact on the held-out identities (%)')
+    print((out / 'seeds.md').read_text())
 
 
 if __name__ == '__main__':

@@ -49,6 +49,18 @@ def test_the_papers_command_learns_permutation_recovery_on_held_out_identities(t
     assert runs_table.read_test(tmp_path / 'test_output.txt') == pytest.approx(
         {'perm_exact': results['perm_exact'], 'perm_stripe': results['perm_stripe'],
          'rank1': float(results['cmc'][0]), 'mAP': float(results['mAP'])}, abs=6e-5)
+    # runs named VARIANT.seedN are also tabulated over the seeds (here one run stands for three)
+    run = f"{tmp_path / 'log' / f'{name}.log'},{tmp_path / 'test_output.txt'}"
+    runs_table.main(['--out', str(tmp_path / 'table'), '--setting', 'toy', f'default.seed0={run}',
+                     f'default.seed1={run}', f'default+fast.seed0={run}'])
+    exact = f"{100 * results['perm_exact']:.1f}"
+    seeds = (tmp_path / 'table' / 'seeds.md').read_text()
+    assert f'| default | {exact} / {exact} | {exact} ± 0.0 |' in seeds
+    assert f'| default+fast | {exact} / failed | {exact} ± 0.0 (n=1) (+0.0 ± 0.0) |' in seeds
+    assert '- default+fast, seed 1 failed: no run given' in seeds
+    assert '| default.seed1 | `--perm_input parts --pcc_grad heads` |' in (tmp_path / 'table' / 'table.md').read_text()
+    with pytest.raises(SystemExit, match='for every run'):  # seeds for some runs only
+        runs_table.main(['--out', str(tmp_path / 'table'), '--setting', 'toy', f'default={run}', f'default.seed1={run}'])
     print(f"held-out identities: exact {results['perm_exact']:.4f}, per stripe {results['perm_stripe']:.4f}")
     assert results['perm_stripe'] > 1.5 * chance_stripe
     assert results['perm_exact'] > 5 * chance_exact
