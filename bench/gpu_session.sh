@@ -12,7 +12,7 @@
 #               flag), and the whole train.py epoch with --compile reduce-overhead              150 s
 #   profile     bench/step_profile.py: how busy the GPU is in the MMGL and AGW steps (fp32, amp +
 #               channels_last) and their costliest operators; then bench/state_save.py (the state file
-#               in the main thread and in the background, on this machine's disk)          45 + 20 s
+#               in the main thread and in the background, on this machine's disk)          70 + 20 s
 #   batches     the MMGL step at 64+64 and 128+128 images, amp + channels_last with and without
 #               --compile reduce-overhead (is 5,000 images/s a matter of batch size?), the loader alone
 #               (the main process's CPU time a batch), and whole epochs with --amp --channels_last
@@ -162,7 +162,7 @@ precompile() {  # seconds, methods, batches, precisions: each compiled row in a 
 for stage in "${stages[@]}"; do
   case $stage in
     precompile) seconds=${PRECOMPILE_S:-200} ;; compile) seconds=${COMPILE_S:-150} ;;
-    batches) seconds=${BATCHES_S:-160} ;; profile) seconds=${PROFILE_S:-45} ;;
+    batches) seconds=${BATCHES_S:-160} ;; profile) seconds=${PROFILE_S:-70} ;;
     throughput) seconds=${THROUGHPUT_S:-150} ;; pair) seconds=${PAIR_S:-335} ;; onestream) seconds=${ONESTREAM_S:-380} ;;
     endtoend) seconds=${ENDTOEND_S:-230} ;; curves) seconds=${CURVES_S:-250} ;; epoch32) seconds=${EPOCH32_S:-120} ;;
     *) echo "unknown stage $stage: choose from precompile compile batches profile throughput pair onestream endtoend" \
