@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pretext_study  # noqa: E402
 import utils  # noqa: E402
-from study_tools import plot_seeds, write_seed_table  # noqa: E402
 
 
 def labelled_folder(text):
@@ -60,12 +59,9 @@ def main(argv=None):
             by_seed[seed].append({**results[args.variant], 'name': label})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_seed_table(by_seed, out / 'compared.md', f'the variant {args.variant} of the pretext study, seeds '
-                     f'{", ".join(map(str, seeds))}: ' + ', '.join(f'{label} = {folder}' for label, folder in args.studies),
-                     pretext_study.SEED_FIGURES)
-    plot_seeds(by_seed, out / 'compared.png', 'perm_exact', 'exact permutation accuracy (train)',
-               pretext_study.SEED_FIGURES['**test exact** (%)'][0], 'test exact on the held-out identities (%)')
-    print((out / 'compared.md').read_text())
+    pretext_study.write_seed_study(by_seed, out / 'compared', f'the variant {args.variant} of the pretext study, '
+                                   f'seeds {", ".join(map(str, seeds))}: '
+                                   + ', '.join(f'{label} = {folder}' for label, folder in args.studies))
     return by_seed
 
 

@@ -221,6 +221,15 @@ SEED_FIGURES = {'**test exact** (%)': (lambda result: 100 * result['test']['perm
                 'train exact, last epoch (%)': (lambda result: 100 * result['history'][-1]['perm_exact'], 1)}
 
 
+def write_seed_study(by_seed, stem, setting):
+    """<stem>.md and <stem>.png of a study over seeds (study_tools.write_seed_table, plot_seeds: the
+    training curve of exact recovery, the held-out exact of each seed), and print the table."""
+    write_seed_table(by_seed, stem.with_suffix('.md'), setting, SEED_FIGURES)
+    plot_seeds(by_seed, stem.with_suffix('.png'), 'perm_exact', 'exact permutation accuracy (train)',
+               SEED_FIGURES['**test exact** (%)'][0], 'test exact on the held-out identities (%)')
+    print(stem.with_suffix('.md').read_text())
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     names = chosen_variants(args.variants, VARIANTS)
@@ -244,11 +253,7 @@ def main(argv=None):
         plot_curves(by_seed[seed], seed_out / 'curves.png')
         print((seed_out / 'table.md').read_text())
     if args.seeds:
-        write_seed_table(by_seed, out / 'seeds.md', setting + f'seeds {args.seeds}, on {device_label(args)}',
-                         SEED_FIGURES)
-        plot_seeds(by_seed, out / 'seeds.png', 'perm_exact', 'exact permutation accuracy (train)',
-                   SEED_FIGURES['**test exact** (%)'][0], 'test exact on the held-out identities (%)')
-        print((out / 'seeds.md').read_text())
+        write_seed_study(by_seed, out / 'seeds', setting + f'seeds {args.seeds}, on {device_label(args)}')
 
 
 if __name__ == '__main__':

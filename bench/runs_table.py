@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pretext_study
-from study_tools import plot_seeds, read_history, write_seed_table
+from study_tools import read_history
 
 TEST_LINES = {'exact': re.compile(r'permutation recovery, (\w+) \(\d+ images\): exact ([\d.]+)% .*per stripe ([\d.]+)%'),
               'retrieval': re.compile(r'Rank-1: ([\d.]+)% .*mAP: ([\d.]+)%')}
@@ -77,11 +77,7 @@ def write_seeds(results, seeds, out, setting):
     runs = {(result['variant'], seed): dict(result, name=result['variant']) for result, seed in zip(results, seeds)}
     by_seed = {seed: [runs.get((variant, seed), {'name': variant, 'error': 'no run given'}) for variant in variants]
                for seed in sorted(set(seeds))}
-    write_seed_table(by_seed, out / 'seeds.md', setting + f', seeds {", ".join(map(str, by_seed))}',
-                     pretext_study.SEED_FIGURES)
-    plot_seeds(by_seed, out / 'seeds.png', 'perm_exact', 'exact permutation accuracy (train)',
-               pretext_study.SEED_FIGURES['**test exact** (%)'][0], 'test exact on the held-out identities (%)')
-    print((out / 'seeds.md').read_text())
+    pretext_study.write_seed_study(by_seed, out / 'seeds', setting + f', seeds {", ".join(map(str, by_seed))}')
 
 
 if __name__ == '__main__':
