@@ -17,10 +17,19 @@ takes on GPUs by default: a foreach operator counts as one kernel (on a GPU it l
 chunk of tensors; on a CPU it loops over them). After the table, the operators whose kernels are
 most numerous in the forward and backward passes, by the operator the step called (in the backward
 pass, the first one under each autograd function).
+
+    python bench/step_ops.py --loop   # what train.py's loop runs around the step (ResNet-50, 8+8, 48x24)
+
+--loop counts instead what an iteration of train.py's epoch loop runs (MMGL, --pcc --part, the second
+of two epochs of --loop_steps steps, foreach optimiser), inside engine.train_step (the batch to the
+device and its augmentation there, the step, backward and optimiser) and outside it (the loader's
+batch, the running totals of the logged values, progress), for each way the batches come.
 """
 import argparse
 import collections
+import contextlib
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +38,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput import networks_and_steps, training_setup  # noqa: E402  (it puts the repository on the path)
+import engine  # noqa: E402
+import train  # noqa: E402
 import utils  # noqa: E402
 from model import ARCHS  # noqa: E402
 
@@ -101,12 +112,91 @@ def count_step(build, step):
     return {'forward + losses': forward, 'backward': backward, 'optimiser': update}
 
 
+# The ways train.py's batches come, for --loop.
+LOOP_ROWS = {'--augment loader': ('--augment', 'loader'), '--augment device': ('--augment', 'device'),
+             '--augment device --data_on_device': ('--augment', 'device', '--data_on_device')}
+STEP_MARK = 'engine.train_step'
+
+
+@contextlib.contextmanager
+def marked_training_loop(epoch_profiles):
+    """While open, each train.py epoch after the first runs under the profiler (its events appended to
+    epoch_profiles), with engine.train_step marked and the optimiser on its foreach path."""
+    train_step, train_one_epoch, make_optimizer = engine.train_step, engine.train_one_epoch, utils.make_optimizer
+
+    def marked_step(*args, **kwargs):
+        with torch.profiler.record_function(STEP_MARK):
+            return train_step(*args, **kwargs)
+
+    def profiled_epoch(run, model, optimizer, step, loader, epoch):
+        if epoch == 0:  # the first epoch gives the optimiser its state
+            return train_one_epoch(run, model, optimizer, step, loader, epoch)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            stats = train_one_epoch(run, model, optimizer, step, loader, epoch)
+        epoch_profiles.append(profiler.events())
+        return stats
+
+    def foreach_optimizer(*args, **kwargs):
+        optimizer = make_optimizer(*args, **kwargs)
+        for group in optimizer.param_groups:
+            group['foreach'] = True  # the GPU default
+        return optimizer
+
+    engine.train_step, engine.train_one_epoch, utils.make_optimizer = marked_step, profiled_epoch, foreach_optimizer
+    try:
+        yield
+    finally:
+        engine.train_step, engine.train_one_epoch, utils.make_optimizer = train_step, train_one_epoch, make_optimizer
+
+
+def in_step(event):
+    while event is not None:
+        if event.name == STEP_MARK:
+            return True
+        event = event.cpu_parent
+    return False
+
+
+def count_loop(arch, steps, flags, data_path=None):
+    """(PhaseCount inside engine.train_step, PhaseCount outside it) of train.py's second epoch of `steps`
+    steps on the synthetic set (or the one at data_path, in its layout), with flags."""
+    epoch_profiles = []
+    with tempfile.TemporaryDirectory() as folder, marked_training_loop(epoch_profiles):
+        train.main(['--dataset', 'synthetic', '--arch', arch, '--img_h', '48', '--img_w', '24', '--batch-size', '8',
+                    '--epochs', '2', '--steps_per_epoch', str(steps), '--workers', '0', '--pcc', '--part',
+                    '--model_path', folder, '--log_path', folder, '--vis_log_path', folder, *flags,
+                    *(['--data_path', str(data_path)] if data_path else [])])
+    events = [event for event in epoch_profiles[0] if is_aten(event)]
+    return (PhaseCount([event for event in events if in_step(event)]),
+            PhaseCount([event for event in events if not in_step(event)]))
+
+
+def loop_table(args):
+    lines = [f'Operators / kernels per iteration of train.py\'s epoch loop, {args.arch}, MMGL --pcc --part, 8+8 '
+             f'images at 48x24, the second of two epochs of {args.loop_steps} steps (counted on the CPU, foreach '
+             'optimiser)', '',
+             '| batches | in engine.train_step | outside it | outside it, most kernels |', '|---|---|---|---|']
+    for name, flags in LOOP_ROWS.items():
+        inside, outside = count_loop(args.arch, args.loop_steps, flags, args.data_path)
+        cells = [f'{count.operators / args.loop_steps:.0f} / {count.kernels / args.loop_steps:.0f}'
+                 for count in (inside, outside)]
+        most = ', '.join(f'{caller} {count / args.loop_steps:.1f}' for caller, count in outside.by_caller.most_common(args.top))
+        lines.append(f'| {name} | {" | ".join(cells)} | {most} |')
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--arch', default='resnet50', choices=ARCHS)
     parser.add_argument('--top', default=8, type=int, help='the operators with the most kernels shown')
+    parser.add_argument('--loop', action='store_true', help="count train.py's loop around the step instead")
+    parser.add_argument('--loop_steps', default=6, type=int, help='steps of the counted epoch (--loop)')
+    parser.add_argument('--data_path', default=None, help='the synthetic set of --loop, if not data/synthetic')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.loop:
+        print('\n'.join(loop_table(args)))
+        return
     lines = [f'Operators / kernels per training step, {args.arch} (counted on the CPU, foreach optimiser; '
              f'kernels: the operators that do the work, less views and allocations)', '',
              '| training step | forward + losses | backward | optimiser | in all | most kernels, forward and backward |',

@@ -372,6 +372,22 @@ def test_step_ops_counts_the_kernels_inside_an_operator_and_none_for_a_view():
     assert count.by_caller['_log_softmax_backward_data'] == 6
 
 
+
+def test_step_ops_counts_the_loop_around_the_step_by_where_the_batches_come_from(tmp_path, sysu_preprocessed, capsys):
+    """--loop: train.py's epoch loop, inside engine.train_step and outside it. Device augmentation moves
+    work into the step, PIL's is the loop's; images held on the device are four gathers a batch in the
+    loop; and the marks and patches are gone afterwards."""
+    step_ops.main(['--loop', '--arch', 'resnet18', '--loop_steps', '2', '--data_path', str(sysu_preprocessed)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| --augment')]
+    rows = {line.split(' | ')[0].strip('| '): [cell.split(' / ') for cell in line.split(' | ')[1:3]] for line in lines}
+    assert list(rows) == list(step_ops.LOOP_ROWS)
+    kernels = {name: (int(inside[1]), int(outside[1])) for name, (inside, outside) in rows.items()}
+    loader, device, held = (kernels[name] for name in step_ops.LOOP_ROWS)
+    assert device[0] > loader[0] > 0 and held[0] == device[0]      # the augmentation, inside the step
+    assert loader[1] > max(device[1], held[1]) > 0                  # the PIL path's work, in the loop
+    assert 'index_select 4.0' in lines[2] and 'index_select' not in lines[1]
+    assert engine.train_step.__name__ == 'train_step' and utils.make_optimizer.__name__ == 'make_optimizer'
+
 def test_stream_gap_reestimates_each_stem_on_its_own_modality(tmp_path, sysu_preprocessed):
     """bench/stream_gap.py on a one-stream checkpoint: the saved stems are one (no statistics gap); after
     the re-estimation each stem's batch norm holds the mean of its own modality's conv1 outputs, and the
