@@ -34,7 +34,12 @@
 #               "100 epochs in under 15 minutes"; then test.py                                 230 s
 #   curves      `default` (fp32, PIL in the loader) and `default+fastest` at 128+128, --lr 0.4, seeds 0
 #               and 1, all four at once, 10 epochs of 40 steps; then test.py on each: does the compiled
-#               bf16 network learn as fp32 does, within the seeds' spread?                     250 s
+#               bf16 network learn as fp32 does, within the seeds' spread? CURVE_VARIANTS and CURVE_SEEDS
+#               (space-separated) replace the variants and the seeds                            250 s
+#   lrscale     `default+fastest` at 128+128 for endtoend's 15 epochs of 174 steps with --lr 0.4, 0.2 and
+#               0.1 (LRSCALE_LRS), all at once: the endtoend run of 2026-11-27 saw its PCC loss climb from
+#               epoch 5 on (lr 0.24 and up); is it the linear rule's rate? The summary lists every epoch's
+#               PCC loss and training exact of these runs and of endtoend                        330 s
 #   epoch32     whole epochs at the paper's 32+32 with --data_on_device, eager and with --compile
 #               reduce-overhead (its cold compilation included)                                 120 s
 # NVIDIA H200 sessions of 2026-11-26 ran `throughput pair` and `onestream` (before and after the one-stream
@@ -42,13 +47,17 @@
 # the order of what the issue needs most:
 #   bash bench/gpu_session.sh                        # default: precompile compile profile batches throughput
 #                                                    # (run on 2026-11-27: README, Speed and several GPUs)
-#   bash bench/gpu_session.sh endtoend curves        # what is left of issue #10 on one GPU (under 10 minutes)
+#   bash bench/gpu_session.sh endtoend curves        # (run on 2026-11-27, and epoch32, and curves with
+#                                                    # CURVE_SEEDS="2 3": README, Speed and several GPUs)
+#   bash bench/gpu_session.sh lrscale                # next: the learning rate at 128+128 (one call), then
+#   CURVE_VARIANTS="default+fast default+fast+device_data" CURVE_SEEDS="0 1 2 3" bash bench/gpu_session.sh curves
+#                                                    # which flag lowered default+fastest's held-out exact
 #   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48 (on a CPU
 #                                                    # without bfloat16 the --amp rows fail with --amp's sentence)
 # Every stage ends by DEADLINE_S (default 570) seconds after the start, whatever its own length, so that
 # the summary comes back from a device call of 600 s; a stage with no time left is skipped.
 # Stage lengths can be changed with PRECOMPILE_S, THROUGHPUT_S, PAIR_S, ONESTREAM_S, COMPILE_S, BATCHES_S,
-# PROFILE_S, ENDTOEND_S, CURVES_S and EPOCH32_S (seconds).
+# PROFILE_S, ENDTOEND_S, CURVES_S, EPOCH32_S and LRSCALE_S (seconds).
 # Runs and checkpoints go to $WORK (default /tmp/gpu_session); $OUT (default ./gpu_out) gets at most eight
 # files: card.txt, throughput.md, compile.md, batches.md and epoch32.md (the stages' tables, when complete), summary.txt
 # (with the profile's table; its operator lists are in logs.tgz),
@@ -165,8 +174,9 @@ for stage in "${stages[@]}"; do
     batches) seconds=${BATCHES_S:-160} ;; profile) seconds=${PROFILE_S:-70} ;;
     throughput) seconds=${THROUGHPUT_S:-150} ;; pair) seconds=${PAIR_S:-335} ;; onestream) seconds=${ONESTREAM_S:-380} ;;
     endtoend) seconds=${ENDTOEND_S:-230} ;; curves) seconds=${CURVES_S:-250} ;; epoch32) seconds=${EPOCH32_S:-120} ;;
+    lrscale) seconds=${LRSCALE_S:-330} ;;
     *) echo "unknown stage $stage: choose from precompile compile batches profile throughput pair onestream endtoend" \
-         "curves epoch32"; exit 1 ;;
+         "curves epoch32 lrscale"; exit 1 ;;
   esac
   left=$(( deadline - SECONDS - 10 ))
   (( left < seconds )) && seconds=$left
@@ -190,10 +200,13 @@ for stage in "${stages[@]}"; do
     pair) study "$seconds" default default & study "$seconds" default+fast default+fast & wait ;;
     onestream) study "$seconds" default+onestream+fast default+onestream+fast; judge_curve default+onestream+fast ;;
     endtoend) study "$seconds" endtoend default+fastest "${large[@]}" "${endtoend_schedule[@]}" ;;
-    curves) for seed in 0 1; do for variant in default default+fastest; do
+    curves) for seed in ${CURVE_SEEDS:-0 1}; do for variant in ${CURVE_VARIANTS:-default default+fastest}; do
               study "$seconds" "$variant.seed$seed" "$variant" "${large[@]}" "${curves_schedule[@]}" --seed "$seed" &
             done; done; wait
             schedule=("${large[@]}" "${curves_schedule[@]}") ;;  # for the table's setting
+    lrscale) for lr in ${LRSCALE_LRS:-0.4 0.2 0.1}; do
+               study "$seconds" "lrscale.lr$lr" default+fastest "${large[@]}" --lr "$lr" "${endtoend_schedule[@]}" &
+             done; wait ;;
     epoch32) rows epoch32 "$seconds" mmgl "$batch" 'amp + channels_last' \
                --epoch_flags='--amp --channels_last --augment device --data_on_device' \
                --epoch_flags='--amp --channels_last --augment device --data_on_device --compile reduce-overhead' ;;
@@ -226,8 +239,11 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
     name=$(basename "$(dirname "$log")")
     [ -e "$work/$name.train.txt" ] || continue  # not a training run (the precompile stage's logs)
     echo "== $name: every fifth epoch and the last"
-    grep -h '^epoch' "$log" | awk 'NR % 5 == 0' | cut -c1-200
-    grep -h '^epoch' "$log" | tail -1 | cut -c1-200
+    grep -h '^epoch' "$log" | awk 'NR % 5 == 0 {print; shown = NR} {last = $0} END {if (NR != shown) print last}' | cut -c1-200
+    if [[ $name == endtoend || $name == lrscale.* ]]; then
+      echo "== $name: every epoch (epoch lr pcc_loss perm_exact)"
+      grep -h '^epoch' "$log" | awk '{printf "%s %s %s %s; ", $2, $4, $10, $12} END {print ""}'
+    fi
     grep -h ' img/s over the run' "$log"
     echo "== $name: held-out test"
     head -1 "$work/$name.test.txt"; grep -E 'permutation recovery|zero-shot' "$work/$name.test.txt"
@@ -239,7 +255,7 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
       echo "== $name: stream gap"; cat "$work/$name.gap.md" 2>/dev/null || tail -3 "$work/$name.gap.txt"
     fi
     cat "$work/$name.train.txt" "$work/$name.test.txt" | tr '\r' '\n' | grep -iE 'error|traceback' | tail -3
-    [ "$name" = endtoend ] && continue  # a speed run: its schedule is not the others'
+    [[ $name == endtoend || $name == lrscale.* ]] && continue  # long runs: their schedule is not the others'
     grep -q '^permutation recovery, both' "$work/$name.test.txt" && runs+=("$name=$log,$work/$name.test.txt")
   done
   if [ ${#runs[@]} -gt 0 ]; then

@@ -66,6 +66,9 @@ VARIANTS = {
     'default+fast': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--amp', '--channels_last', '--augment', 'device'),
     'default+onestream+fast': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--stream', 'one', '--amp',
                                '--channels_last', '--augment', 'device'),
+    # ... with the batches held on the device (the fastest but for --compile)
+    'default+fast+device_data': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--amp', '--channels_last', '--augment',
+                                 'device', '--data_on_device'),
     # ... and the two flags that made one GPU reach 5,000 images/s (README, Speed): the same batches, held on
     # the device, and the network in CUDA graphs
     'default+fastest': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--amp', '--channels_last', '--augment', 'device',
