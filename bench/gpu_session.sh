@@ -39,7 +39,7 @@
 #   lrscale     `default+fastest` at 128+128 for endtoend's 15 epochs of 174 steps with --lr 0.4, 0.2 and
 #               0.1 (LRSCALE_LRS), all at once: the endtoend run of 2026-11-27 saw its PCC loss climb from
 #               epoch 5 on (lr 0.24 and up); is it the linear rule's rate? The summary lists every epoch's
-#               PCC loss and training exact of these runs and of endtoend                        330 s
+#               PCC loss and training exact of these runs and of endtoend                        450 s
 #   epoch32     whole epochs at the paper's 32+32 with --data_on_device, eager and with --compile
 #               reduce-overhead (its cold compilation included)                                 120 s
 # NVIDIA H200 sessions of 2026-11-26 ran `throughput pair` and `onestream` (before and after the one-stream
@@ -174,7 +174,7 @@ for stage in "${stages[@]}"; do
     batches) seconds=${BATCHES_S:-160} ;; profile) seconds=${PROFILE_S:-70} ;;
     throughput) seconds=${THROUGHPUT_S:-150} ;; pair) seconds=${PAIR_S:-335} ;; onestream) seconds=${ONESTREAM_S:-380} ;;
     endtoend) seconds=${ENDTOEND_S:-230} ;; curves) seconds=${CURVES_S:-250} ;; epoch32) seconds=${EPOCH32_S:-120} ;;
-    lrscale) seconds=${LRSCALE_S:-330} ;;
+    lrscale) seconds=${LRSCALE_S:-450} ;;
     *) echo "unknown stage $stage: choose from precompile compile batches profile throughput pair onestream endtoend" \
          "curves epoch32 lrscale"; exit 1 ;;
   esac
@@ -197,13 +197,15 @@ for stage in "${stages[@]}"; do
     throughput) throughput throughput "$seconds" --precisions 'fp32,amp,amp + channels_last,amp fp16 + channels_last' \
                   --epoch_flags= --epoch_flags='--augment device' --epoch_flags='--amp --channels_last' \
                   --epoch_flags='--amp --channels_last --augment device' ;;
-    pair) study "$seconds" default default & study "$seconds" default+fast default+fast & wait ;;
-    onestream) study "$seconds" default+onestream+fast default+onestream+fast; judge_curve default+onestream+fast ;;
+    pair) study "$seconds" default default & study "$seconds" default+fast default+fast & wait
+          echo "${schedule[*]}" > "$work/table_schedule.txt" ;;
+    onestream) study "$seconds" default+onestream+fast default+onestream+fast; judge_curve default+onestream+fast
+               echo "${schedule[*]}" > "$work/table_schedule.txt" ;;
     endtoend) study "$seconds" endtoend default+fastest "${large[@]}" "${endtoend_schedule[@]}" ;;
     curves) for seed in ${CURVE_SEEDS:-0 1}; do for variant in ${CURVE_VARIANTS:-default default+fastest}; do
               study "$seconds" "$variant.seed$seed" "$variant" "${large[@]}" "${curves_schedule[@]}" --seed "$seed" &
             done; done; wait
-            schedule=("${large[@]}" "${curves_schedule[@]}") ;;  # for the table's setting
+            echo "${large[*]} ${curves_schedule[*]}" > "$work/table_schedule.txt" ;;
     lrscale) for lr in ${LRSCALE_LRS:-0.4 0.2 0.1}; do
                study "$seconds" "lrscale.lr$lr" default+fastest "${large[@]}" --lr "$lr" "${endtoend_schedule[@]}" &
              done; wait ;;
@@ -260,7 +262,7 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
   done
   if [ ${#runs[@]} -gt 0 ]; then
     echo "== table"
-    python bench/runs_table.py --out "$work/table" --setting "$(cat "$out/card.txt"), ${size[*]}, ${train_flags[*]}, ${schedule[*]}, stages: ${stages[*]}" "${runs[@]}" > /dev/null \
+    python bench/runs_table.py --out "$work/table" --setting "$(cat "$out/card.txt"), ${size[*]}, ${train_flags[*]}, $(cat "$work/table_schedule.txt"), stages: ${stages[*]}" "${runs[@]}" > /dev/null \
       && cp "$work/table/table.md" "$work/table/curves.png" "$out/" && cat "$out/table.md"
     if [ -f "$work/table/seeds.md" ]; then cp "$work/table/seeds.md" "$work/table/seeds.png" "$out/"; cat "$out/seeds.md"; fi
   fi
