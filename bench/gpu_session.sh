@@ -242,7 +242,9 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
     [ -e "$work/$name.train.txt" ] || continue  # not a training run (the precompile stage's logs)
     echo "== $name: every fifth epoch and the last"
     grep -h '^epoch' "$log" | awk 'NR % 5 == 0 {print; shown = NR} {last = $0} END {if (NR != shown) print last}' | cut -c1-200
-    if [[ $name == endtoend || $name == lrscale.* ]]; then
+    long_run=false  # endtoend's and lrscale's: every epoch shown, and kept out of the table (their schedule is not the others')
+    [[ $name == endtoend || $name == lrscale.* ]] && long_run=true
+    if $long_run; then
       echo "== $name: every epoch (epoch lr pcc_loss perm_exact)"
       grep -h '^epoch' "$log" | awk '{printf "%s %s %s %s; ", $2, $4, $10, $12} END {print ""}'
     fi
@@ -257,7 +259,7 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
       echo "== $name: stream gap"; cat "$work/$name.gap.md" 2>/dev/null || tail -3 "$work/$name.gap.txt"
     fi
     cat "$work/$name.train.txt" "$work/$name.test.txt" | tr '\r' '\n' | grep -iE 'error|traceback' | tail -3
-    [[ $name == endtoend || $name == lrscale.* ]] && continue  # long runs: their schedule is not the others'
+    $long_run && continue
     grep -q '^permutation recovery, both' "$work/$name.test.txt" && runs+=("$name=$log,$work/$name.test.txt")
   done
   if [ ${#runs[@]} -gt 0 ]; then
