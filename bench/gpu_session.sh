@@ -34,8 +34,10 @@
 #               "100 epochs in under 15 minutes"; then test.py                                 230 s
 #   curves      `default` (fp32, PIL in the loader) and `default+fastest` at 128+128, --lr 0.4, seeds 0
 #               and 1, all four at once, 10 epochs of 40 steps; then test.py on each: does the compiled
-#               bf16 network learn as fp32 does, within the seeds' spread? CURVE_VARIANTS and CURVE_SEEDS
-#               (space-separated) replace the variants and the seeds                            250 s
+#               bf16 network learn as fp32 does, within the seeds' spread? Then bench/stream_gap.py on
+#               each, all at once: is a held-out shortfall in the running statistics (recovered with
+#               every batch norm re-estimated) or in the weights? CURVE_VARIANTS and CURVE_SEEDS
+#               (space-separated) replace the variants and the seeds                     250 s + 60 s
 #   lrscale     `default+fastest` at 128+128 for endtoend's 15 epochs of 174 steps with --lr 0.4, 0.2 and
 #               0.1 (LRSCALE_LRS), all at once: the endtoend run of 2026-11-27 saw its PCC loss climb from
 #               epoch 5 on (lr 0.24 and up); is it the linear rule's rate? The summary lists every epoch's
@@ -49,9 +51,12 @@
 #                                                    # (run on 2026-11-27: README, Speed and several GPUs)
 #   bash bench/gpu_session.sh endtoend curves        # (run on 2026-11-27, and epoch32, and curves with
 #                                                    # CURVE_SEEDS="2 3": README, Speed and several GPUs)
-#   bash bench/gpu_session.sh lrscale                # next: the learning rate at 128+128 (one call), then
-#   CURVE_VARIANTS="default+fast default+fast+device_data" CURVE_SEEDS="0 1 2 3" bash bench/gpu_session.sh curves
-#                                                    # which flag lowered default+fastest's held-out exact
+#   CURVE_VARIANTS="default+fastest default+fast+device_data default+fast+device_data+compile" \
+#     CURVE_SEEDS="1 3" bash bench/gpu_session.sh curves
+#                                                    # next: which flag lowered default+fastest's held-out
+#                                                    # exact (seeds 1 and 3 lost the most), and whether
+#                                                    # stream_gap.py's re-estimated statistics recover it
+#   bash bench/gpu_session.sh lrscale                # then: the learning rate at 128+128 (one call)
 #   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48 (on a CPU
 #                                                    # without bfloat16 the --amp rows fail with --amp's sentence)
 # Every stage ends by DEADLINE_S (default 570) seconds after the start, whatever its own length, so that
@@ -131,7 +136,14 @@ print(" ".join(pretext_study.variant_flags(sys.argv[1])))' "$variant")"
   [ -n "$weights" ] && python test.py --dataset synthetic --resume "$weights" --workers 4 >> "$work/$name.test.txt" 2>&1
 }
 
-judge_curve() {  # pretext-study variant: test.py on its weights of every 10th epoch, all at once, then stream_gap.py on the last
+stream_gap() {  # run name: bench/stream_gap.py on its last weights (as saved, stems' and every batch norm re-estimated)
+  local name=$1 weights
+  weights=$(ls -t "$work/$name"/*_epoch_*.t 2>/dev/null | head -1)
+  [ -n "$weights" ] && timeout 120 python bench/stream_gap.py --dataset synthetic "${image_size[@]}" --resume "$weights" \
+    --workers 2 --out "$work/$name.gap.md" > "$work/$name.gap.txt" 2>&1
+}
+
+judge_curve() {  # pretext-study variant: test.py on its weights of every 10th epoch, all at once, then stream_gap on the last
   local name=$1 weights epoch
   mkdir -p "$work/$name.curve"
   for weights in "$work/$name"/*_epoch_*0.t; do
@@ -140,9 +152,7 @@ judge_curve() {  # pretext-study variant: test.py on its weights of every 10th e
     timeout 120 python test.py --dataset synthetic --resume "$weights" --workers 2 > "$work/$name.curve/epoch_$epoch.txt" 2>&1 &
   done
   wait
-  weights=$(ls -t "$work/$name"/*_epoch_*.t 2>/dev/null | head -1)
-  [ -n "$weights" ] && timeout 120 python bench/stream_gap.py --dataset synthetic "${image_size[@]}" --resume "$weights" \
-    --workers 2 --out "$work/$name.gap.md" > "$work/$name.gap.txt" 2>&1
+  stream_gap "$name"
 }
 
 # The compiled step rows (methods, batches, precisions) of the compile and batches stages, which the
@@ -205,6 +215,9 @@ for stage in "${stages[@]}"; do
     curves) for seed in ${CURVE_SEEDS:-0 1}; do for variant in ${CURVE_VARIANTS:-default default+fastest}; do
               study "$seconds" "$variant.seed$seed" "$variant" "${large[@]}" "${curves_schedule[@]}" --seed "$seed" &
             done; done; wait
+            for seed in ${CURVE_SEEDS:-0 1}; do for variant in ${CURVE_VARIANTS:-default default+fastest}; do
+              stream_gap "$variant.seed$seed" &
+            done; done; wait
             echo "${large[*]} ${curves_schedule[*]}" > "$work/table_schedule.txt" ;;
     lrscale) for lr in ${LRSCALE_LRS:-0.4 0.2 0.1}; do
                study "$seconds" "lrscale.lr$lr" default+fastest "${large[@]}" --lr "$lr" "${endtoend_schedule[@]}" &
@@ -256,6 +269,8 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
       for judged in $(ls "$work/$name.curve" | sort -t_ -k2 -n); do
         echo "$judged: $(grep -h '^permutation recovery, both' "$work/$name.curve/$judged" | cut -c1-120)"
       done
+    fi
+    if [ -f "$work/$name.gap.txt" ]; then
       echo "== $name: stream gap"; cat "$work/$name.gap.md" 2>/dev/null || tail -3 "$work/$name.gap.txt"
     fi
     cat "$work/$name.train.txt" "$work/$name.test.txt" | tr '\r' '\n' | grep -iE 'error|traceback' | tail -3

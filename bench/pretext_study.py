@@ -73,6 +73,9 @@ VARIANTS = {
     # the device, and the network in CUDA graphs
     'default+fastest': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--amp', '--channels_last', '--augment', 'device',
                         '--data_on_device', '--compile', 'reduce-overhead'),
+    # ... with the network compiled by inductor but not in CUDA graphs (torch.compile's default mode)
+    'default+fast+device_data+compile': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--amp', '--channels_last',
+                                         '--augment', 'device', '--data_on_device', '--compile'),
     # twice the global batch over the same images (study_tools.LAUNCH_OPTIONS), with the learning rate scaled
     # linearly (the README's rule for torchrun) or not, in one process and under torchrun
     'default+batch2x': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '2', '--lr', '0.2'),
@@ -83,6 +86,11 @@ VARIANTS = {
     # ... four times the batch at the square-root rule's rate, and at twice the linear rule's
     'default+batch4x_lr0.2': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '4', '--lr', '0.2'),
     'default+batch4x_lr0.8': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '4', '--lr', '0.8'),
+    # ... four times the batch with the fastest GPU setting's flags but --amp (fp32; inductor on the CPU, no CUDA
+    # graphs): do they hold over a run at the batch where the GPU's held-out figures fell short?
+    'default+batch4x+device_data+compile': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '4',
+                                            '--lr', '0.4', '--channels_last', '--augment', 'device', '--data_on_device',
+                                            '--compile'),
     # ... and the defaults' batch at twice the rate: is the setting starved of learning rate?
     'default+lr0.2': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--lr', '0.2'),
     # ... and in one process with batch norm over two halves of the batch, as each of torchrun's processes has it

@@ -416,6 +416,20 @@ def test_stream_gap_reestimates_each_stem_on_its_own_modality(tmp_path, sysu_pre
         assert torch.allclose(stem.bn1.running_mean, conv_outputs.mean(dim=(0, 2, 3)), atol=1e-5)
     changed = {key for key, value in model.state_dict().items() if not torch.equal(value, before[key])}
     assert changed and all(key.split('.')[2] == 'bn1' for key in changed)
+
+    # every batch norm: a shared stage's holds the mean of its conv over both modalities' batches at once
+    shared_conv = model.base_resnet.base.layer1[0].conv1
+    seen = []
+    hook = shared_conv.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    stream_gap.reestimate_all_statistics(model, images, args, torch.device('cpu'))
+    hook.remove()
+    assert len(seen) == 1 and len(seen[0]) == 2 * 6
+    assert torch.allclose(model.base_resnet.base.layer1[0].bn1.running_mean, seen[0].mean(dim=(0, 2, 3)), atol=1e-5)
+    assert all(not module.training for module in model.modules())
+    changed = {key for key, value in model.state_dict().items() if not torch.equal(value, before[key])}
+    assert any(key.startswith('base_resnet.') for key in changed)
+    assert not any(key.startswith('local_conv_list.') for key in changed)  # the part embeddings' are left
+    assert len(results['every batch norm']) == 4 and len(results['statistics gap']) == 3
     with pytest.raises(utils.UserError, match='--train_images'):
         stream_gap.main([*flags, '--train_images', '0'])
 
