@@ -262,6 +262,7 @@ tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
       grep -h '^epoch' "$log" | awk '{printf "%s %s %s %s; ", $2, $4, $10, $12} END {print ""}'
     fi
     grep -h ' img/s over the run' "$log"
+    grep -i 'skipping cudagraphs' "$work/$name.train.txt" | sort | uniq -c | head -3  # --compile reduce-overhead without CUDA graphs
     echo "== $name: held-out test"
     head -1 "$work/$name.test.txt"; grep -E 'permutation recovery|zero-shot' "$work/$name.test.txt"
     if [ -d "$work/$name.curve" ]; then

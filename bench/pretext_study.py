@@ -86,8 +86,11 @@ VARIANTS = {
     # ... four times the batch at the square-root rule's rate, and at twice the linear rule's
     'default+batch4x_lr0.2': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '4', '--lr', '0.2'),
     'default+batch4x_lr0.8': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '4', '--lr', '0.8'),
-    # ... four times the batch with the fastest GPU setting's flags but --amp (fp32; inductor on the CPU, no CUDA
-    # graphs): do they hold over a run at the batch where the GPU's held-out figures fell short?
+    # ... four times the batch with the fastest GPU setting's flags but --amp (fp32), without and with --compile
+    # (inductor on the CPU, no CUDA graphs): do they hold over a run at the batch where the GPU's held-out figures
+    # fell short?
+    'default+batch4x+device_data': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '4', '--lr', '0.4',
+                                    '--channels_last', '--augment', 'device', '--data_on_device'),
     'default+batch4x+device_data+compile': ('--perm_input', 'parts', '--pcc_grad', 'heads', '--batch_scale', '4',
                                             '--lr', '0.4', '--channels_last', '--augment', 'device', '--data_on_device',
                                             '--compile'),
