@@ -35,8 +35,8 @@
 #   curves      `default` (fp32, PIL in the loader) and `default+fastest` at 128+128, --lr 0.4, seeds 0
 #               and 1, all four at once, 10 epochs of 40 steps; then test.py on each: does the compiled
 #               bf16 network learn as fp32 does, within the seeds' spread? Then bench/stream_gap.py on
-#               each, all at once: is a held-out shortfall in the running statistics (recovered with
-#               every batch norm re-estimated) or in the weights? CURVE_VARIANTS and CURVE_SEEDS
+#               each: is a held-out shortfall in the running statistics (recovered with every batch
+#               norm re-estimated) or in the weights? CURVE_VARIANTS and CURVE_SEEDS
 #               (space-separated) replace the variants and the seeds                     250 s + 60 s
 #   lrscale     `default+fastest` at 128+128 for endtoend's 15 epochs of 174 steps with --lr 0.4, 0.2 and
 #               0.1 (LRSCALE_LRS), all at once: the endtoend run of 2026-11-27 saw its PCC loss climb from
@@ -136,10 +136,13 @@ print(" ".join(pretext_study.variant_flags(sys.argv[1])))' "$variant")"
   [ -n "$weights" ] && python test.py --dataset synthetic --resume "$weights" --workers 4 >> "$work/$name.test.txt" 2>&1
 }
 
-stream_gap() {  # run name: bench/stream_gap.py on its last weights (as saved, stems' and every batch norm re-estimated)
-  local name=$1 weights
+stream_gap() {  # run name: bench/stream_gap.py on its last weights (as saved, stems' and every batch norm
+                # re-estimated), for at most 120 s and never past the deadline
+  local name=$1 weights seconds=$(( deadline - SECONDS ))
+  (( seconds > 120 )) && seconds=120
+  (( seconds < 5 )) && return
   weights=$(ls -t "$work/$name"/*_epoch_*.t 2>/dev/null | head -1)
-  [ -n "$weights" ] && timeout 120 python bench/stream_gap.py --dataset synthetic "${image_size[@]}" --resume "$weights" \
+  [ -n "$weights" ] && timeout "$seconds" python bench/stream_gap.py --dataset synthetic "${image_size[@]}" --resume "$weights" \
     --workers 2 --out "$work/$name.gap.md" > "$work/$name.gap.txt" 2>&1
 }
 
@@ -213,10 +216,8 @@ for stage in "${stages[@]}"; do
                echo "${schedule[*]}" > "$work/table_schedule.txt" ;;
     endtoend) study "$seconds" endtoend default+fastest "${large[@]}" "${endtoend_schedule[@]}" ;;
     curves) for seed in ${CURVE_SEEDS:-0 1}; do for variant in ${CURVE_VARIANTS:-default default+fastest}; do
-              study "$seconds" "$variant.seed$seed" "$variant" "${large[@]}" "${curves_schedule[@]}" --seed "$seed" &
-            done; done; wait
-            for seed in ${CURVE_SEEDS:-0 1}; do for variant in ${CURVE_VARIANTS:-default default+fastest}; do
-              stream_gap "$variant.seed$seed" &
+              { study "$seconds" "$variant.seed$seed" "$variant" "${large[@]}" "${curves_schedule[@]}" --seed "$seed"
+                stream_gap "$variant.seed$seed"; } &
             done; done; wait
             echo "${large[*]} ${curves_schedule[*]}" > "$work/table_schedule.txt" ;;
     lrscale) for lr in ${LRSCALE_LRS:-0.4 0.2 0.1}; do
