@@ -62,8 +62,8 @@ def select_device(gpu, local_rank=None):
 
 
 def full_precision(device):
-    """A region where autocast is off, so that the losses, Sinkhorn and the metrics run in float32
-    (on float32 inputs) whatever --amp does to the network around them."""
+    """A region where autocast is off, so that the losses, Sinkhorn, the embeddings' normalisation and
+    the metrics run in float32 (on float32 inputs) whatever --amp does to the network around them."""
     return torch.autocast(torch.device(device).type, enabled=False)
 
 

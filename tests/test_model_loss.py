@@ -69,6 +69,23 @@ def test_mmgl_forward_shapes_with_and_without_parts():
         assert torch.allclose(outputs['embeddings'].norm(dim=2), torch.ones(6, num_parts), atol=1e-5)
 
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_part_embeddings_are_normalised_in_float32_under_autocast(dtype):
+    """A part whose projection is all zero (every channel below zero before the ReLU) gives a zero
+    embedding, not NaN: under the CPU's float16 autocast F.normalize's eps underflows and 0 / 0 would
+    be NaN. The embeddings come in float32, as GPU autocast (which runs norm in float32) gives them."""
+    model = MMGLNet('resnet18', 'two', num_stripe=6, part=True).train()
+    feature_map = torch.randn(4, model.pool_dim, 6, 3)
+    with torch.autocast('cpu', dtype=dtype):
+        unit = model.part_embeddings(feature_map)
+        with torch.no_grad():
+            model.local_conv_list[2][1].bias.fill_(-100.0)  # part 2's batch norm shifts every channel below zero
+        embeddings = model.part_embeddings(feature_map)
+    assert unit.dtype == torch.float32 and torch.allclose(unit.norm(dim=2), torch.ones(4, 6), atol=1e-5)
+    assert embeddings.dtype == torch.float32 and torch.equal(embeddings[:, 2], torch.zeros(4, 256))
+    assert torch.allclose(embeddings[:, [0, 1, 3, 4, 5]], unit[:, [0, 1, 3, 4, 5]])
+
+
 def test_sinkhorn_gives_doubly_stochastic_matrices():
     for scale, num_iter in ((1.0, 20), (3.0, 200)):  # sharper scores need more iterations to converge
         matrices = sinkhorn(torch.randn(8, 6, 6, generator=torch.Generator().manual_seed(0)) * scale, num_iter)
