@@ -230,9 +230,11 @@ class MMGLNet(TwoStreamBackbone):
             return sinkhorn(scores.float(), self.sinkhorn_iter, self.sinkhorn_tau)
 
     def part_embeddings(self, feature_map):
-        """(B, C, h, w) -> L2-normalised float32 (B, P, D): each horizontal part pooled and projected by its own conv."""
+        """(B, C, h, w) -> L2-normalised float32 (B, P, D): each horizontal part pooled and projected by its
+        own conv."""
         parts = F.adaptive_avg_pool2d(feature_map, (len(self.local_conv_list), 1))
-        embeddings = torch.stack([conv(parts[:, :, i:i + 1]).flatten(1) for i, conv in enumerate(self.local_conv_list)], 1)
+        embeddings = torch.stack([conv(parts[:, :, i:i + 1]).flatten(1)
+                                  for i, conv in enumerate(self.local_conv_list)], dim=1)
         # In float32, as GPU autocast runs the norm: in float16 on a CPU, F.normalize's eps underflows and
         # an all-zero part (ReLU can give one) would come out NaN.
         with utils.full_precision(embeddings.device):
