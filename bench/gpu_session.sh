@@ -51,12 +51,15 @@
 #                                                    # (run on 2026-11-27: README, Speed and several GPUs)
 #   bash bench/gpu_session.sh endtoend curves        # (run on 2026-11-27, and epoch32, and curves with
 #                                                    # CURVE_SEEDS="2 3": README, Speed and several GPUs)
-#   CURVE_VARIANTS="default+fastest default+fast+device_data default+fast+device_data+compile" \
+#   CURVES_S=400 CURVE_VARIANTS="default+fastest default+fast+device_data default+fast+device_data+compile" \
 #     CURVE_SEEDS="1 3" bash bench/gpu_session.sh curves
 #                                                    # next: which flag lowered default+fastest's held-out
 #                                                    # exact (seeds 1 and 3 lost the most), and whether
 #                                                    # stream_gap.py's re-estimated statistics recover it
-#   bash bench/gpu_session.sh lrscale                # then: the learning rate at 128+128 (one call)
+#                                                    # (six runs at once, four of them compiling: 400 s)
+#   bash bench/gpu_session.sh lrscale                # then: the learning rate at 128+128 (one call; with
+#                                                    # LRSCALE_S=220 about 8 of its 15 epochs, enough to see
+#                                                    # the rise of epochs 5-9, if less time is left)
 #   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48 (on a CPU
 #                                                    # without bfloat16 the --amp rows fail with --amp's sentence)
 # Every stage ends by DEADLINE_S (default 570) seconds after the start, whatever its own length, so that
