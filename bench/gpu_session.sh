@@ -57,9 +57,10 @@
 #                                                    # exact (seeds 1 and 3 lost the most), and whether
 #                                                    # stream_gap.py's re-estimated statistics recover it
 #                                                    # (six runs at once, four of them compiling: 400 s)
-#   bash bench/gpu_session.sh lrscale                # then: the learning rate at 128+128 (one call; with
-#                                                    # LRSCALE_S=220 about 8 of its 15 epochs, enough to see
-#                                                    # the rise of epochs 5-9, if less time is left)
+#   bash bench/gpu_session.sh lrscale                # then: the learning rate at 128+128 (one call; if less
+#                                                    # time is left, LRSCALE_S=220 should give about 7 of its
+#                                                    # 15 epochs, the rise began at epoch 5: estimated from
+#                                                    # endtoend's 70 s compilation and 7.4 s epochs alone, x 3)
 #   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48 (on a CPU
 #                                                    # without bfloat16 the --amp rows fail with --amp's sentence)
 # Every stage ends by DEADLINE_S (default 570) seconds after the start, whatever its own length, so that
