@@ -26,6 +26,7 @@ are not augmented; stripes are shuffled with seeded permutations.
     python bench/stream_gap.py --dataset synthetic --img_h 96 --img_w 48 --resume CHECKPOINT.t
 """
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -115,40 +116,44 @@ def stem_norm(model, modal):
     return getattr(stem, stem.modality).bn1
 
 
-@torch.no_grad()
-def reestimate_stem_statistics(model, images, args, device):
-    """Each stem's batch norm re-estimated (cumulative average) on its own modality's shuffled images,
-    in place; the rest of the network keeps its statistics."""
-    for modal, modal_images in images.items():
-        stem, norm = stem_of(model, modal), stem_norm(model, modal)
+@contextlib.contextmanager
+def reestimating(norms):
+    """The batch norms' running statistics, reset, become the plain average of the batch statistics of
+    what runs inside the block; then the norms are back in evaluation mode."""
+    for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a plain average over the batches
         norm.train()
-        for shuffled, _ in shuffled_batches(modal_images, model.num_stripe, args.test_batch, args.seed + 1, device):
-            stem(shuffled)
+    yield
+    for norm in norms:
         norm.eval()
+
+
+@torch.no_grad()
+def reestimate_stem_statistics(model, images, args, device):
+    """Each stem's batch norm re-estimated on its own modality's shuffled images, in place; the rest of
+    the network keeps its statistics."""
+    for modal, modal_images in images.items():
+        with reestimating([stem_norm(model, modal)]):
+            for shuffled, _ in shuffled_batches(modal_images, model.num_stripe, args.test_batch, args.seed + 1, device):
+                stem_of(model, modal)(shuffled)
 
 
 @torch.no_grad()
 def reestimate_all_statistics(model, images, args, device):
-    """Every batch norm of the backbone and the permutation head re-estimated (cumulative average), in
-    place, as the training step runs them: visible and infrared batches of one size through
-    feature_map(visible, infrared) at once, then the head; as many images of each modality (the fewer
-    of the two counts). The part embeddings' batch norms, which the judge does not use, are left."""
+    """Every batch norm of the backbone and the permutation head re-estimated, in place, as the training
+    step runs them: visible and infrared batches of one size through feature_map(visible, infrared) at
+    once, then the head; as many images of each modality (the fewer of the two counts). The part
+    embeddings' batch norms, which the judge does not use, are left."""
     judged = [model.visible_module, model.thermal_module, model.base_resnet, model.perm_bn]
     norms = [module for part in judged if part is not None for module in part.modules()
              if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-        norm.train()
     count = min(len(images[1]), len(images[2]))
     pairs = zip(*(shuffled_batches(images[modal][:count], model.num_stripe, args.test_batch, args.seed + 1, device)
                   for modal in (1, 2)))
-    for (visible, _), (infrared, _) in pairs:
-        model.permutation_head(model.feature_map(visible, infrared))
-    for norm in norms:
-        norm.eval()
+    with reestimating(norms):
+        for (visible, _), (infrared, _) in pairs:
+            model.permutation_head(model.feature_map(visible, infrared))
 
 
 def statistics_gap(model):
