@@ -3,8 +3,8 @@
 For each pair of variants of a seed study (bench/pretext_study.py or bench/finetune_flags_study.py with
 --seeds; its <study>/seed<N>/results.json), the epoch at which a figure of the training batches
 (perm_exact by default) first reaches each level, linearly interpolated between epoch ends, and the
-second variant's minus the first's on each seed, their mean ± standard error and on how many seeds
-the second is later. A run's last figure hides a lag once the earlier run levels off; the epoch at
+second variant's minus the first's on each seed, their mean ± standard error (and the paired t-test's
+p) and on how many seeds the second is later. A run's last figure hides a lag once the earlier run levels off; the epoch at
 which a level is reached does not.
 
     python bench/curve_lag.py --study bench/results/cpu_resnet18_96x48_global_batch \\
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_tools import mean_and_sd, publish  # noqa: E402  (study_tools puts the repository on the path)
+from study_tools import format_difference, publish  # noqa: E402  (study_tools puts the repository on the path)
 import utils  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def main(argv=None):
                                       f'it holds {", ".join(results)}.')
     lines = [f'Epoch at which the training {args.figure} first reaches each level (interpolated between epoch '
              f'ends), later variant minus earlier, per seed ({", ".join(map(str, study))}) of {args.study}', '',
-             '| later minus earlier | level | lag per seed (epochs) | mean ± se | later on |', '|---|---|---|---|---|']
+             '| later minus earlier | level | lag per seed (epochs) | mean ± se, p | later on |', '|---|---|---|---|---|']
     for earlier, later in args.pairs:
         for level in args.levels:
             lags = []
@@ -83,12 +83,12 @@ def main(argv=None):
             cells = ' / '.join('-' if lag is None else f'{lag:+.2f}' for lag in lags)
             summary, later_on = '-', '-'
             if len(measured) > 1:
-                mean, sd = mean_and_sd(measured)
-                summary = f'{mean:+.2f} ± {sd / len(measured) ** 0.5:.2f}'
+                summary = format_difference(measured, 2)
             if measured:
                 later_on = f'{sum(lag > 0 for lag in measured)} of {len(measured)}'
             lines.append(f'| {later} minus {earlier} | {level:g} | {cells} | {summary} | {later_on} |')
-    lines += ['', "'-': a run that failed or never reached the level; se: sd of the lags / sqrt(seeds)."]
+    lines += ['', "'-': a run that failed or never reached the level; se: sd of the lags / sqrt(seeds); p: the "
+              "two-sided paired t-test's (none where the lags are all equal)."]
     publish('\n'.join(lines), args.out)
     return lines
 

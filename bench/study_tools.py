@@ -177,6 +177,23 @@ def mean_and_sd(values):
     return mean, spread ** 0.5
 
 
+def paired_difference(differences):
+    """Mean, standard error and two-sided paired t-test p-value of seed-by-seed differences (p None when it
+    is undefined: one seed, or differences all equal). With few seeds the t distribution's tails are wide:
+    four seeds 2.7 standard errors apart give p 0.07."""
+    from scipy import stats
+    mean, sd = mean_and_sd(differences)
+    error = sd / len(differences) ** 0.5
+    p = float(2 * stats.t.sf(abs(mean) / error, len(differences) - 1)) if error > 0 else None
+    return mean, error, p
+
+
+def format_difference(differences, decimals):
+    """'+1.2 ± 0.5, p 0.04': paired_difference of seed-by-seed differences, as the tables show it."""
+    mean, error, p = paired_difference(differences)
+    return f'{mean:+.{decimals}f} ± {error:.{decimals}f}' + (f', p {p:.2g}' if p is not None else '')
+
+
 def write_seed_table(by_seed, path, setting, figures, notes=()):
     """The spread of a study run once per seed, and how far each variant differs from the first beyond it.
 
@@ -184,8 +201,8 @@ def write_seed_table(by_seed, path, setting, figures, notes=()):
     and an 'error' for a failed run); figures: {column title: (function(result) -> number, decimals)}.
     One row per variant: its first figure seed by seed, then per figure the mean ± sample sd over the
     seeds and, after the first variant, its difference from the first variant on the same seeds (mean
-    ± standard error of that mean). Failed runs are named under the table and left out of the figures;
-    `notes`, lines of text, close the file.
+    ± standard error of that mean, and the paired t-test's p). Failed runs are named under the table and
+    left out of the figures; `notes`, lines of text, close the file.
     """
     seeds = list(by_seed)
     names = [result['name'] for result in by_seed[seeds[0]]]
@@ -208,12 +225,15 @@ def write_seed_table(by_seed, path, setting, figures, notes=()):
             mean, sd = mean_and_sd([figure(ok[name, seed]) for seed in done])
             cell = f'{mean:.{decimals}f} ± {sd:.{decimals}f}' + (f' (n={len(done)})' if len(done) < len(seeds) else '')
             if paired:
-                gap, gap_sd = mean_and_sd([figure(ok[name, seed]) - figure(ok[reference, seed]) for seed in paired])
-                cell += f' ({gap:+.{decimals}f} ± {gap_sd / len(paired) ** 0.5:.{decimals}f})'
+                differences = [figure(ok[name, seed]) - figure(ok[reference, seed]) for seed in paired]
+                cell += f' ({format_difference(differences, decimals)})'
             cells.append(cell)
         lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     lines += ['', f'sd: sample standard deviation over the seeds. In brackets: the variant minus {reference} on the '
-              'same seed, mean over the seeds ± its standard error (sd of the differences / sqrt(seeds)).']
+              'same seed, mean over the seeds ± its standard error (sd of the differences / sqrt(seeds)), and the '
+              'two-sided paired t-test\'s p (t distribution with seeds - 1 degrees of freedom; none where the '
+              'differences are all equal), computed on the unrounded figures: a difference the table rounds to '
+              'zero can have a small p when it has the same sign on every seed.']
     lines += [f'- {name}, seed {seed} failed: {result["error"]}'
               for (name, seed), result in runs.items() if 'error' in result]
     lines += list(notes)

@@ -79,6 +79,16 @@ def test_study_variants_with_a_larger_global_batch_keep_the_images_of_an_epoch(t
     assert 'not a multiple of the 2' in pretext_study.run_variant('default+torchrun2', args)['error']
 
 
+def test_paired_difference_gives_the_t_tests_p_with_seeds_minus_one_degrees_of_freedom():
+    # the H200's held-out exact, fp32 minus the five speed flags on seeds 0-3: t = 2.74 with 3 degrees of
+    # freedom, whose two-sided tail is 0.0714 (a t table: 2.353 gives 0.10 and 3.182 gives 0.05)
+    mean, error, p = study_tools.paired_difference([0.9, 24.1, 13.0, 26.9])
+    assert (round(mean, 3), round(error, 2), round(p, 4)) == (16.225, 5.92, 0.0714)
+    assert study_tools.paired_difference([1.0, -1.0, 0.0])[2] == 1.0  # no difference on average
+    assert study_tools.paired_difference([1.0, 1.0])[2] is None and study_tools.paired_difference([2.0])[2] is None
+    assert study_tools.format_difference([0.9, 24.1, 13.0, 26.9], 1) == '+16.2 ± 5.9, p 0.071'
+
+
 def test_curve_lag_gives_the_epochs_by_which_a_curve_reaches_each_level_later_seed_by_seed(tmp_path):
     def run(name, curve):
         return {'name': name, 'history': [{'perm_exact': value} for value in curve]}
@@ -90,7 +100,7 @@ def test_curve_lag_gives_the_epochs_by_which_a_curve_reaches_each_level_later_se
     # early reaches 0.1 after 2 epochs and 0.2 after 2.5; late after 3 and 3.5 on seed 0, 2 and 3.5 on seed 1
     lines = curve_lag.main(['--study', str(tmp_path), '--pairs', 'early:late,early:broken', '--levels', '0.1,0.2',
                             '--out', str(tmp_path / 'lag.md')])
-    assert '| late minus early | 0.1 | +1.00 / +0.00 | +0.50 ± 0.50 | 1 of 2 |' in lines
+    assert '| late minus early | 0.1 | +1.00 / +0.00 | +0.50 ± 0.50, p 0.5 | 1 of 2 |' in lines  # t = 1, one dof
     assert '| late minus early | 0.2 | +1.00 / +1.00 | +1.00 ± 0.00 | 2 of 2 |' in lines
     assert '| broken minus early | 0.1 | - / - | - | - |' in lines
     assert (tmp_path / 'lag.md').read_text().splitlines() == lines
@@ -162,9 +172,10 @@ def test_seed_study_runs_each_seed_apart_and_tabulates_the_spread_and_the_paired
     assert (tmp_path / 'seed0' / 'table.md').is_file() and (tmp_path / 'seed1' / 'curves.png').is_file()
     table = (tmp_path / 'seeds.md').read_text()
     assert '| default | 30.0 / 40.0 | 35.0 ± 7.1 | 60.0 ± 0.0 | 45.0 ± 7.1 |' in table
-    # amp: 10 points lower on seed 0, equal on seed 1: mean -5.0, standard error 7.07 / sqrt(2)
-    assert ('| default+amp | 20.0 / 40.0 | 30.0 ± 14.1 (-5.0 ± 5.0) | 60.0 ± 0.0 (+0.0 ± 0.0) | '
-            '40.0 ± 14.1 (-5.0 ± 5.0) |') in table
+    # amp: 10 points lower on seed 0, equal on seed 1: mean -5.0, standard error 7.07 / sqrt(2), t = -1 with one
+    # degree of freedom (p 0.5); the per-stripe figures are equal on both seeds, so they have no p
+    assert ('| default+amp | 20.0 / 40.0 | 30.0 ± 14.1 (-5.0 ± 5.0, p 0.5) | 60.0 ± 0.0 (+0.0 ± 0.0) | '
+            '40.0 ± 14.1 (-5.0 ± 5.0, p 0.5) |') in table
     assert '| default+device_augment | 35.0 / failed | 35.0 ± 0.0 (n=1) (+5.0 ± 0.0) |' in table
     assert 'default+device_augment, seed 1 failed: RuntimeError: boom' in table
     assert (tmp_path / 'seeds.png').stat().st_size > 0
@@ -187,7 +198,7 @@ def test_compare_studies_puts_one_variant_of_several_studies_side_by_side_on_the
     table = (tmp_path / 'compared' / 'compared.md').read_text()
     assert 'seeds 0, 1:' in table  # seed 2 is the first study's alone
     assert '| before | 30.0 / 40.0 | 35.0 ± 7.1 |' in table
-    assert '| after | 20.0 / 40.0 | 30.0 ± 14.1 (-5.0 ± 5.0) |' in table
+    assert '| after | 20.0 / 40.0 | 30.0 ± 14.1 (-5.0 ± 5.0, p 0.5) |' in table
     assert (tmp_path / 'compared' / 'compared.png').stat().st_size > 0
     with pytest.raises(utils.UserError, match='no run of the variant default[+]fast'):
         compare_studies.main(['--out', str(tmp_path / 'compared'), '--variant', 'default+fast', before, after])
