@@ -51,12 +51,20 @@
 #                                                    # (run on 2026-11-27: README, Speed and several GPUs)
 #   bash bench/gpu_session.sh endtoend curves        # (run on 2026-11-27, and epoch32, and curves with
 #                                                    # CURVE_SEEDS="2 3": README, Speed and several GPUs)
-#   CURVES_S=400 CURVE_VARIANTS="default+fastest default+fast+device_data default+fast+device_data+compile" \
+#   CURVES_S=420 CURVE_VARIANTS="default default+fastest default+fast+device_data default+fast+device_data+compile" \
 #     CURVE_SEEDS="1 3" bash bench/gpu_session.sh curves
 #                                                    # next: which flag lowered default+fastest's held-out
-#                                                    # exact (seeds 1 and 3 lost the most), and whether
-#                                                    # stream_gap.py's re-estimated statistics recover it
-#                                                    # (six runs at once, four of them compiling: 400 s)
+#                                                    # exact (seeds 1 and 3 lost the most; p = 0.07 over
+#                                                    # four seeds), whether stream_gap.py's re-estimated
+#                                                    # statistics recover it, and, from the reruns of
+#                                                    # default and default+fastest, how far one seed moves
+#                                                    # between two sessions (GPU kernels are not
+#                                                    # deterministic). Eight runs at once, four compiling:
+#                                                    # about 270 s of the card's work (estimated from the
+#                                                    # runs of 2026-11-27) and about 110 GiB (two fp32 runs
+#                                                    # of about 21 GiB if twice bfloat16's, six bfloat16
+#                                                    # ones of 10.7 GiB measured): an H200. On an H100
+#                                                    # (80 GB) leave default out (six runs, about 70 GiB)
 #   bash bench/gpu_session.sh lrscale                # then: the learning rate at 128+128 (one call; if less
 #                                                    # time is left, LRSCALE_S=220 should give about 7 of its
 #                                                    # 15 epochs, the rise began at epoch 5: estimated from
@@ -69,7 +77,7 @@
 # PROFILE_S, ENDTOEND_S, CURVES_S, EPOCH32_S and LRSCALE_S (seconds).
 # Runs and checkpoints go to $WORK (default /tmp/gpu_session); $OUT (default ./gpu_out) gets at most eight
 # files: card.txt, throughput.md, compile.md, batches.md and epoch32.md (the stages' tables, when complete), summary.txt
-# (with the profile's table; its operator lists are in logs.tgz),
+# (with the card's most memory in use and the profile's table; its operator lists are in logs.tgz),
 # table.md and curves.png (bench/runs_table.py: the pretext study's table of the training runs; with the
 # curves stage also seeds.md and seeds.png, the variants over the seeds) and logs.tgz
 # (logs, test outputs and tensorboardX files, no weights).
@@ -116,6 +124,9 @@ else
   endtoend_schedule=(--epochs 15 --steps_per_epoch 174)  # 174 x 128 = SYSU-MM01's 22,258 visible images an epoch
   curves_schedule=(--epochs 10 --steps_per_epoch 40)  # fp32 at 128+128: about 136 ms a step alone
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/card.txt"
+  # the card's memory in use, each second: how close runs sharing the card came to its size
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -l 1 > "$work/memory_used.txt" 2>/dev/null &
+  memory_sampler=$!
 fi
 python synthetic.py > "$work/synthetic.txt" 2>&1 || { cat "$work/synthetic.txt"; exit 1; }
 
@@ -234,9 +245,11 @@ for stage in "${stages[@]}"; do
   echo "$stage: $(( SECONDS - began )) s of its $seconds" >> "$work/stages.txt"
 done
 
+[ -n "${memory_sampler:-}" ] && kill "$memory_sampler" 2>/dev/null
 tar czf "$out/logs.tgz" -C "$work" --exclude='*.t' . 2>/dev/null
 {
   echo "== card"; cat "$out/card.txt"
+  [ -s "$work/memory_used.txt" ] && echo "at most $(sort -n "$work/memory_used.txt" | tail -1) MiB in use (sampled each second)"
   echo "== stages (seconds taken)"; cat "$work/stages.txt" 2>/dev/null
   if [ -d "$work/precompile" ]; then
     echo "== precompile: rows compiled (one step each: not timings), of $(ls "$work"/precompile/*.log | wc -l)"
