@@ -4,8 +4,8 @@ For each pair of variants of a seed study (bench/pretext_study.py or bench/finet
 --seeds; its <study>/seed<N>/results.json), the epoch at which a figure of the training batches
 (perm_exact by default) first reaches each level, linearly interpolated between epoch ends, and the
 second variant's minus the first's on each seed, their mean ± standard error (and the paired t-test's
-p) and on how many seeds the second is later. A run's last figure hides a lag once the earlier run levels off; the epoch at
-which a level is reached does not.
+p) and on how many seeds the second is later. A run's last figure hides a lag once the earlier run
+levels off; the epoch at which a level is reached does not.
 
     python bench/curve_lag.py --study bench/results/cpu_resnet18_96x48_global_batch \\
         --pairs default:default+batch4x,default+lr0.2:default+batch4x_lr0.8
