@@ -66,9 +66,10 @@
 #                                                    # ones of 10.7 GiB measured): an H200. On an H100
 #                                                    # (80 GB) leave default out (six runs, about 70 GiB)
 #   bash bench/gpu_session.sh lrscale                # then: the learning rate at 128+128 (one call; if less
-#                                                    # time is left, LRSCALE_S=220 should give about 7 of its
-#                                                    # 15 epochs, the rise began at epoch 5: estimated from
-#                                                    # endtoend's 70 s compilation and 7.4 s epochs alone, x 3)
+#                                                    # time is left, LRSCALE_S=220 LRSCALE_LRS="0.4 0.2"
+#                                                    # should give about 9 of its 15 epochs, the rise began
+#                                                    # at epoch 5: estimated from endtoend's 70 s compilation
+#                                                    # and 7.4 s epochs alone, x 2 for two runs at once)
 #   SMOKE=1 bash bench/gpu_session.sh onestream      # a rehearsal on the CPU at ResNet-18 96x48 (on a CPU
 #                                                    # without bfloat16 the --amp rows fail with --amp's sentence)
 # Every stage ends by DEADLINE_S (default 570) seconds after the start, whatever its own length, so that
