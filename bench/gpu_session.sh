@@ -64,7 +64,9 @@
 #                                                    # runs of 2026-11-27) and about 110 GiB (two fp32 runs
 #                                                    # of about 21 GiB if twice bfloat16's, six bfloat16
 #                                                    # ones of 10.7 GiB measured): an H200. On an H100
-#                                                    # (80 GB) leave default out (six runs, about 70 GiB)
+#                                                    # (80 GB) CURVE_SEEDS=3 alone (four runs, about 55 GiB;
+#                                                    # six bfloat16 runs would need about 64 GiB and CUDA
+#                                                    # graphs' pools on top, too close to 80)
 #   bash bench/gpu_session.sh lrscale                # then: the learning rate at 128+128 (one call; if less
 #                                                    # time is left, LRSCALE_S=220 LRSCALE_LRS="0.4 0.2"
 #                                                    # should give about 9 of its 15 epochs, the rise began
